@@ -1,0 +1,152 @@
+"""One way to reach storage: s3://, file:// and plain paths through fsspec.
+
+Credentials and the S3 endpoint come only from the environment (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never from configs. Objects are published
+atomically: written under a temporary key in a `_tmp/` folder beside the target, then
+moved into place, so a reader never sees half an object. A crash leaves only temporary
+keys, which `remove_temporaries` deletes on the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+TMP_DIR = "_tmp"
+
+
+class StorageError(RuntimeError):
+    """Storage is unreachable, refuses our credentials, or the path is wrong."""
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for `url`; listing caches are off so state is fresh."""
+    options: dict[str, Any] = {}
+    if url.startswith("s3://"):
+        options = {"use_listings_cache": False, "skip_instance_cache": True}
+    fs, path = url_to_fs(url, **options)
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    return posixpath.join(url.rstrip("/"), *parts) if "://" in url else os.path.join(url, *parts)
+
+
+def _unprotocol(fs: fsspec.AbstractFileSystem, url: str) -> str:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return url if protocol == "file" else f"{protocol}://{url}"
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def listdir(url: str) -> list[str]:
+    """Full URLs of the entries directly under `url` (temporary keys excluded)."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    names = fs.ls(path, detail=False)
+    return sorted(_unprotocol(fs, n) for n in names if posixpath.basename(n.rstrip("/")) != TMP_DIR)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    return fs.cat_file(path)
+
+
+def open_file(url: str, mode: str = "rb") -> IO:
+    """Open for reading (writes go through `atomic_write`)."""
+    fs, path = filesystem(url)
+    return fs.open(path, mode)
+
+
+def _tmp_url(url: str) -> str:
+    parent, name = posixpath.split(url.rstrip("/")) if "://" in url else os.path.split(url)
+    return join(parent, TMP_DIR, f"{uuid.uuid4().hex[:12]}-{name}")
+
+
+@contextlib.contextmanager
+def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
+    """Write to a temporary key and move it to `url` only if the block completes."""
+    fs, path = filesystem(url)
+    tmp = _tmp_url(path)
+    fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+    try:
+        with fs.open(tmp, mode) as handle:
+            yield handle
+        fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with atomic_write(url) as handle:
+        handle.write(data)
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def remove_temporaries(url: str) -> int:
+    """Delete temporary keys left under `url` by interrupted writes; returns how many."""
+    fs, path = filesystem(url)
+    stale = [p for p in fs.find(path) if f"/{TMP_DIR}/" in p] if fs.exists(path) else []
+    for item in stale:
+        fs.rm(item)
+    return len(stale)
+
+
+def ensure_bucket(url: str) -> None:
+    """Create the bucket of an s3:// URL if needed (a no-op for local paths)."""
+    fs, path = filesystem(url)
+    if url.startswith("s3://"):
+        bucket = path.split("/", 1)[0]
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+    else:
+        fs.makedirs(path, exist_ok=True)
+
+
+def check_writable(url: str) -> None:
+    """Fail fast, before any work, if `url` cannot be written (bad credentials, no bucket)."""
+    probe = join(url, TMP_DIR, f"probe-{uuid.uuid4().hex[:8]}")
+    try:
+        if url.startswith("s3://"):
+            fs, path = filesystem(url)
+            bucket = path.split("/", 1)[0]
+            fs.ls(bucket)  # some servers create a missing bucket on write: be explicit
+        write_bytes(probe, b"ok")
+        remove(probe)
+    except PermissionError as err:
+        raise StorageError(f"no permission to write {url}: check AWS_ACCESS_KEY_ID/"
+                           f"AWS_SECRET_ACCESS_KEY ({err.__class__.__name__})") from None
+    except FileNotFoundError:
+        raise StorageError(f"cannot write {url}: the bucket or folder does not exist (create "
+                           f"it, or run `enat services up` for the local bucket)") from None
+    except OSError as err:
+        raise StorageError(f"cannot write {url}: {err}") from None
+
+
+def register_webdataset_s3() -> None:
+    """Teach WebDataset to open s3:// URLs through fsspec (call in every process)."""
+    from webdataset.gopen import gopen_schemes
+
+    def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO:
+        fs, path = filesystem(url)
+        return fs.open(path, mode)
+
+    gopen_schemes["s3"] = gopen_s3

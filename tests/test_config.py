@@ -1,0 +1,85 @@
+"""Typed configs: presets + overrides, one-line errors naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from cluster.config import load_config, parse_overrides
+from models.typed_config import ConfigError, check, from_dict, to_dict
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    stage: Literal[0, 1, 2, 3] = 2
+
+    def __post_init__(self):
+        check(self.lr > 0, "lr", "> 0", self.lr)
+
+
+@dataclass
+class Outer:
+    name: str = "run"
+    steps: int = 10
+    tags: list[str] = field(default_factory=list)
+    inner: Inner = field(default_factory=Inner)
+    resume: str | None = None
+
+
+def test_overrides_parse_to_nested_typed_values():
+    assert parse_overrides(["inner.lr=0.5", "steps=5", "name=abc", "tags=[a, b]"]) == {
+        "inner": {"lr": 0.5}, "steps": 5, "name": "abc", "tags": ["a", "b"]}
+    config = load_config(Outer, None, ["inner.stage=3", "inner.lr=3e-4", "steps=7", "resume=s3://b/c"])
+    assert config == Outer(steps=7, inner=Inner(lr=3e-4, stage=3), resume="s3://b/c")
+    assert from_dict(Outer, to_dict(config)) == config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["bogus=1"], "unknown key 'bogus'"),
+        (["inner.bogus=1"], "unknown key 'inner.bogus'"),
+        (["steps=abc"], "bad value for 'steps': expected int"),
+        (["steps=1.5"], "bad value for 'steps'"),
+        (["inner.stage=4"], "'inner.stage': expected one of 0, 1, 2, 3"),
+        (["inner.lr=-1"], "bad value for 'inner.lr': must be > 0"),
+        (["inner=3"], "bad value for 'inner'"),
+        (["noequals"], "expected key=value"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(Outer, None, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_preset_file_and_unknown_preset(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("steps: 3\ninner:\n  lr: 0.5\n")
+    assert load_config(Outer, str(preset), ["steps=4"]) == Outer(steps=4, inner=Inner(lr=0.5))
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config(Outer, "nope")
+
+
+def test_cli_exits_2_naming_the_bad_key(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "data", "demo", "--out", str(tmp_path / "x"), "bogus=1"],
+        capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "enat: error: unknown key 'bogus'; allowed keys: cc3m_shard_size, limit, out, seed"]
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_help_lists_every_command_with_one_line():
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("demo", "services", "data"):
+        assert any(line.strip().startswith(command) for line in result.stdout.splitlines())

@@ -1,0 +1,66 @@
+"""`enat services` against real processes in a temp state dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cluster.services import pid_alive
+
+
+def enat(state, *args):
+    return subprocess.run([sys.executable, "-m", "cluster.cli", "--state-dir", str(state), *args],
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.integration
+def test_up_is_idempotent_status_tells_the_truth_and_down_stops(tmp_path):
+    state = tmp_path / "state"
+    assert enat(state, "services", "status").returncode == 3
+    try:
+        first = enat(state, "services", "up")
+        assert first.returncode == 0, first.stderr
+        pid = json.loads((state / "seaweedfs.json").read_text())["pid"]
+        second = enat(state, "services", "up")
+        assert second.returncode == 0
+        assert json.loads((state / "seaweedfs.json").read_text())["pid"] == pid
+        assert first.stdout.splitlines()[0] == second.stdout.splitlines()[0]  # same endpoint
+        assert pid_alive(pid)
+
+        status = enat(state, "services", "status")
+        assert status.returncode == 0 and "running at http://127.0.0.1:" in status.stdout
+        assert oct(os.stat(state / "credentials.json").st_mode & 0o777) == "0o600"
+
+        env = enat(state, "services", "env").stdout.splitlines()
+        keys = [line.split("=")[0] for line in env]
+        assert keys == ["export AWS_ENDPOINT_URL", "export AWS_ACCESS_KEY_ID",
+                        "export AWS_SECRET_ACCESS_KEY", "export MLFLOW_TRACKING_URI"]
+    finally:
+        assert enat(state, "services", "down").returncode == 0
+    assert not pid_alive(pid)
+    status = enat(state, "services", "status")
+    assert status.returncode == 3 and "seaweedfs: stopped" in status.stdout
+    assert enat(state, "services", "env").returncode == 3
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_mlflow_server_starts_with_artifacts_in_seaweedfs(tmp_path):
+    state = tmp_path / "state"
+    try:
+        result = enat(state, "services", "up", "--mlflow")
+        assert result.returncode == 0, result.stderr
+        uri = [line for line in enat(state, "services", "env").stdout.splitlines()
+               if "MLFLOW_TRACKING_URI" in line][0].split("=", 1)[1]
+        assert uri.startswith("http://127.0.0.1:")
+        import urllib.request
+
+        with urllib.request.urlopen(uri + "/health", timeout=5) as response:
+            assert response.status == 200
+    finally:
+        enat(state, "services", "down")
+    assert "mlflow: no server" in enat(state, "services", "status").stdout
