@@ -1,0 +1,181 @@
+"""The token-shard format: WebDataset tars of token ids plus a manifest.json.
+
+One sample, under its key:
+- `<key>.tokens.npy`       uint16 [h, w] token ids
+- `<key>.flip.tokens.npy`  uint16 [h, w] ids of the mirrored image (optional)
+- `<key>.cls`              class index as decimal text (class data)
+- `<key>.txt`              caption (caption data)
+- `<key>.text.npy`         float16 [max_len, D] caption token embeddings, zero-padded
+- `<key>.text_mask.npy`    bool [max_len], True for real caption tokens
+- `<key>.json`             source path and original size
+
+The manifest records what the shards were made with (tokenizer id and weight sha256,
+resolution, token grid, codebook size, class names, text encoder), every shard with its
+sample count and sha256, and every rejected input with its reason. Training checks the
+manifest against the model before it starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipelines import storage
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ManifestMismatch(ValueError):
+    """Shards made for another tokenizer/grid/codebook than the model expects."""
+
+
+@dataclass
+class TokenSample:
+    key: str
+    tokens: np.ndarray  # uint16 [h, w]
+    flip_tokens: np.ndarray | None = None
+    label: int | None = None
+    caption: str | None = None
+    text: np.ndarray | None = None  # float16 [max_len, D]
+    text_mask: np.ndarray | None = None  # bool [max_len]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_sample(sample: TokenSample) -> dict[str, bytes]:
+    """File-extension -> bytes for one sample (the WebDataset convention)."""
+    files = {"tokens.npy": _npy(sample.tokens.astype(np.uint16))}
+    if sample.flip_tokens is not None:
+        files["flip.tokens.npy"] = _npy(sample.flip_tokens.astype(np.uint16))
+    if sample.label is not None:
+        files["cls"] = str(int(sample.label)).encode()
+    if sample.caption is not None:
+        files["txt"] = sample.caption.encode()
+    if sample.text is not None:
+        files["text.npy"] = _npy(sample.text.astype(np.float16))
+        files["text_mask.npy"] = _npy(sample.text_mask.astype(bool))
+    files["json"] = json.dumps(sample.meta, sort_keys=True).encode()
+    return files
+
+
+def decode_sample(files: dict[str, Any]) -> TokenSample:
+    """The inverse of `encode_sample`, from a WebDataset sample dict (raw bytes)."""
+    def get(name: str) -> bytes | None:
+        return files.get(name)
+
+    text = get("text.npy")
+    return TokenSample(
+        key=files["__key__"],
+        tokens=_load_npy(files["tokens.npy"]),
+        flip_tokens=_load_npy(get("flip.tokens.npy")) if get("flip.tokens.npy") else None,
+        label=int(get("cls")) if get("cls") is not None else None,
+        caption=get("txt").decode() if get("txt") is not None else None,
+        text=_load_npy(text) if text is not None else None,
+        text_mask=_load_npy(get("text_mask.npy")) if text is not None else None,
+        meta=json.loads(get("json")) if get("json") else {},
+    )
+
+
+def shard_bytes(samples: list[TokenSample]) -> bytes:
+    """A deterministic tar (fixed metadata, sample order kept) of encoded samples."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for extension, data in encode_sample(sample).items():
+                info = tarfile.TarInfo(f"{sample.key}.{extension}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def write_shard(url: str, samples: list[TokenSample]) -> dict[str, Any]:
+    """Publish one shard atomically; its manifest entry (name, count, sha256, bytes)."""
+    data = shard_bytes(samples)
+    storage.write_bytes(url, data)
+    return {"name": url.rstrip("/").rsplit("/", 1)[-1], "count": len(samples),
+            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+@dataclass
+class Manifest:
+    """What a folder of shards holds; `splits` maps a split name to its shard entries."""
+
+    tokenizer_id: str
+    tokenizer_sha256: str
+    resolution: int
+    grid: list[int]  # [h, w]
+    codebook_size: int
+    source: str = ""
+    classes: list[str] | None = None  # class names in index order (class data only)
+    text_encoder: dict[str, Any] | None = None  # {"id", "dim", "max_len"} for caption data
+    splits: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    rejected: list[dict[str, str]] = field(default_factory=list)  # {"input", "reason"}
+    totals: dict[str, int] = field(default_factory=dict)
+    tool_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def shard_urls(self, root: str, split: str = "train") -> list[str]:
+        if split not in self.splits:
+            raise ValueError(f"manifest at {root} has no split '{split}' (has: {', '.join(self.splits)})")
+        return [storage.join(root, split, entry["name"]) for entry in self.splits[split]]
+
+    def num_samples(self, split: str = "train") -> int:
+        return sum(entry["count"] for entry in self.splits.get(split, []))
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported manifest format_version {data.get('format_version')!r}")
+        return cls(**data)
+
+
+def read_manifest(root: str) -> Manifest:
+    url = storage.join(root, MANIFEST_NAME)
+    try:
+        return Manifest.from_json(storage.read_bytes(url).decode())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {MANIFEST_NAME} under {root}: pretokenize the data first "
+                                f"(enat pretokenize)") from None
+
+
+def write_manifest(root: str, manifest: Manifest) -> None:
+    storage.write_bytes(storage.join(root, MANIFEST_NAME), manifest.to_json().encode())
+
+
+def check_compatible(manifest: Manifest, codebook_size: int, grid: tuple[int, int],
+                     tokenizer_id: str | None = None) -> None:
+    """Fail fast when shards were made for another tokenizer, grid or codebook."""
+    problems = []
+    if manifest.codebook_size != codebook_size:
+        problems.append(f"codebook {manifest.codebook_size} != model's {codebook_size}")
+    if tuple(manifest.grid) != tuple(grid):
+        problems.append(f"token grid {tuple(manifest.grid)} != model's {tuple(grid)}")
+    if tokenizer_id is not None and manifest.tokenizer_id != tokenizer_id:
+        problems.append(f"tokenizer '{manifest.tokenizer_id}' != expected '{tokenizer_id}'")
+    if problems:
+        raise ManifestMismatch("shards do not match the model: " + "; ".join(problems)
+                               + " (pretokenize with the model's tokenizer)")
