@@ -1,0 +1,62 @@
+"""Exported models on storage: a folder with `model.safetensors` and `config.json`.
+
+This is how a trained tokenizer reaches pretokenization, and how a training run's EMA
+weights reach evaluation, without DeepSpeed or pickle. The model's id is its config kind
+plus the first 12 hex digits of the weights' sha256, so shards record exactly which
+weights made them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from models import build_config, build_model, config_to_dict
+from models.config import ModelConfig
+from pipelines import storage
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    sha256: str  # of the safetensors bytes
+    url: str
+
+    @property
+    def model_id(self) -> str:
+        return f"{config_to_dict(self.config)['kind']}-{self.sha256[:12]}"
+
+
+def save_model(url: str, model: nn.Module, config: ModelConfig, extra: dict | None = None) -> str:
+    """Publish weights and config under `url` (weights first, config last: a folder with a
+    config.json is complete). Returns the weights' sha256."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = save_safetensors(state)
+    storage.write_bytes(storage.join(url, WEIGHTS_NAME), data)
+    meta = {"model": config_to_dict(config), **(extra or {})}
+    storage.write_bytes(storage.join(url, CONFIG_NAME), json.dumps(meta, indent=1).encode())
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_model(url: str, device: str | torch.device = "cpu") -> LoadedModel:
+    """The model saved by `save_model`, in eval mode on `device`."""
+    config_url = storage.join(url, CONFIG_NAME)
+    if not storage.exists(config_url):
+        raise FileNotFoundError(f"no exported model at {url} (expected {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME}); train or export one first")
+    meta = json.loads(storage.read_bytes(config_url))
+    config = build_config(meta["model"])
+    data = storage.read_bytes(storage.join(url, WEIGHTS_NAME))
+    model = build_model(config)
+    model.load_state_dict(load_safetensors(data), strict=True)
+    return LoadedModel(model.to(device).eval(), config, hashlib.sha256(data).hexdigest(), url)
