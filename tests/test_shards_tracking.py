@@ -1,0 +1,99 @@
+"""The shard/manifest format and the MLflow tracker."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from pipelines import storage
+from pipelines.shards import (
+    Manifest,
+    ManifestMismatch,
+    TokenSample,
+    check_compatible,
+    decode_sample,
+    read_manifest,
+    shard_bytes,
+    write_manifest,
+    write_shard,
+)
+from pipelines.tracking import Tracker, flatten
+
+
+def sample(i: int, text: bool = False) -> TokenSample:
+    rng = np.random.default_rng(i)
+    return TokenSample(
+        key=f"{i:08d}", tokens=rng.integers(0, 1024, (4, 4)).astype(np.uint16),
+        flip_tokens=rng.integers(0, 1024, (4, 4)).astype(np.uint16),
+        label=None if text else i % 3, caption=f"caption {i}" if text else None,
+        text=rng.normal(size=(6, 8)).astype(np.float16) if text else None,
+        text_mask=np.arange(6) < 4 if text else None, meta={"source": f"img{i}.png"})
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_shard_round_trip_through_webdataset_on_s3(s3_bucket, text):
+    samples = [sample(i, text) for i in range(5)]
+    url = storage.join(s3_bucket, "train", "shard-000000.tar")
+    entry = write_shard(url, samples)
+    assert entry["count"] == 5
+    assert entry["sha256"] == hashlib.sha256(storage.read_bytes(url)).hexdigest()
+    assert shard_bytes(samples) == storage.read_bytes(url)  # deterministic bytes
+    storage.register_webdataset_s3()
+    decoded = [decode_sample(s) for s in wds.WebDataset(url, shardshuffle=False)]
+    for original, back in zip(samples, decoded, strict=True):
+        assert back.key == original.key and back.tokens.dtype == np.uint16
+        np.testing.assert_array_equal(back.tokens, original.tokens)
+        np.testing.assert_array_equal(back.flip_tokens, original.flip_tokens)
+        assert back.label == original.label and back.caption == original.caption
+        if text:
+            np.testing.assert_array_equal(back.text, original.text)
+            np.testing.assert_array_equal(back.text_mask, original.text_mask)
+
+
+def test_manifest_round_trip_and_compatibility(tmp_path):
+    manifest = Manifest(tokenizer_id="vqgan-abc", tokenizer_sha256="0" * 64, resolution=32,
+                        grid=[8, 8], codebook_size=256, classes=["a", "b"],
+                        splits={"train": [{"name": "shard-000000.tar", "count": 3, "sha256": "x"}]})
+    write_manifest(str(tmp_path), manifest)
+    back = read_manifest(str(tmp_path))
+    assert back == manifest and back.num_samples() == 3
+    assert back.shard_urls(str(tmp_path)) == [str(tmp_path / "train" / "shard-000000.tar")]
+    check_compatible(back, 256, (8, 8), "vqgan-abc")
+    with pytest.raises(ManifestMismatch, match="codebook 256 != model's 1024"):
+        check_compatible(back, 1024, (8, 8))
+    with pytest.raises(ManifestMismatch, match="tokenizer 'vqgan-abc' != expected 'other'"):
+        check_compatible(back, 256, (8, 8), "other")
+    with pytest.raises(FileNotFoundError, match="pretokenize the data first"):
+        read_manifest(str(tmp_path / "missing"))
+
+
+def test_tracker_logs_to_sqlite_and_filters_secrets(tmp_path, monkeypatch):
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    tracker = Tracker("tests", "run-1")
+    tracker.log_params({"lr": 0.1, "storage": {"secret_key": "S3CRET", "root": "s3://b"}})
+    tracker.log_metrics({"loss": 1.5}, step=3)
+    tracker.set_tags({"checkpoint": "s3://b/c"})
+    tracker.finish()
+    assert tracker.active
+    with sqlite3.connect(db) as con:
+        params = dict(con.execute("select key, value from params").fetchall())
+        metrics = con.execute("select key, value, step from metrics").fetchall()
+    assert params == {"lr": "0.1", "storage.root": "s3://b"}
+    assert metrics == [("loss", 1.5, 3)]
+    assert "S3CRET" not in db.read_bytes().decode(errors="ignore")
+    assert flatten({"a": {"password": 1, "b": 2}}) == {"a.b": "2"}
+
+
+def test_unreachable_tracking_degrades_to_a_warning(monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    tracker = Tracker("tests", "run-2")
+    tracker.log_metrics({"loss": 1.0}, step=1)  # no exception
+    assert not tracker.active
+    assert "warning: MLflow tracking disabled" in capsys.readouterr().err
