@@ -1,0 +1,164 @@
+"""`enat submit` and `enat jobs`: run any enat command on a Ray cluster via the Job API.
+
+The job's environment carries the submitter's storage and MLflow *locations*
+(AWS_ENDPOINT_URL, MLFLOW_TRACKING_URI, ...). Credentials are expected to be on the
+cluster already (its own environment or Kubernetes secrets); `--forward-credentials`
+copies AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY into the job's runtime environment for
+clusters you own (anyone who can read the job's runtime env can then see them). Secrets
+never go on a command line and are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster.command import Command
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+FORWARDED_SETTINGS = ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL",
+                      "AWS_DEFAULT_REGION", "ENAT_STATE_DIR", "RAY_AUTH_MODE")
+CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# What never belongs in an uploaded working dir: environments, state, outputs.
+WORKING_DIR_EXCLUDES = [".venv", ".enat", ".git", "demo-out", "**/__pycache__", "*.egg-info",
+                        ".pytest_cache", ".ruff_cache", "bench/results"]
+
+
+def client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS)
+
+
+def job_environment(forward_credentials: bool) -> dict[str, str]:
+    names = FORWARDED_SETTINGS + (CREDENTIALS if forward_credentials else ())
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
+
+
+def runtime_env(working_dir: bool, forward_credentials: bool) -> dict[str, Any]:
+    env: dict[str, Any] = {"env_vars": job_environment(forward_credentials)}
+    if working_dir:
+        # Ship this checkout; the cluster's Python must already have the dependencies.
+        env["working_dir"] = str(REPO_ROOT)
+        env["excludes"] = WORKING_DIR_EXCLUDES
+    return env
+
+
+def entrypoint(command: list[str], working_dir: bool) -> str:
+    """`enat …` when enat is installed on the cluster, `python -m cluster.cli …` when the
+    checkout travels as the working dir."""
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise SystemExit("enat: error: nothing to submit; usage: enat submit -- <enat command …>")
+    if command[0] == "enat":
+        command = command[1:]
+    prefix = ["python", "-m", "cluster.cli"] if working_dir else ["enat"]
+    return shlex.join(prefix + command)
+
+
+def submit(args: argparse.Namespace, agent_wait: float = 90.0) -> int:
+    jobs = client(args.address)
+    deadline = time.monotonic() + agent_wait
+    while True:
+        try:
+            job_id = jobs.submit_job(
+                entrypoint=entrypoint(args.enat_command, args.working_dir),
+                runtime_env=runtime_env(args.working_dir, args.forward_credentials),
+                submission_id=args.job_id,
+            )
+            break
+        except RuntimeError as err:
+            # A head that just started answers 500 until its job agent is up.
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+    print(job_id)
+    if args.wait:
+        return wait(args.address, job_id, follow_logs=True)
+    return 0
+
+
+def wait(address: str | None, job_id: str, follow_logs: bool = False, timeout: float = 0) -> int:
+    """Poll until the job ends; exit code 0 only for SUCCEEDED."""
+    from ray.job_submission import JobStatus
+
+    jobs, start, printed = client(address), time.monotonic(), 0
+    while True:
+        status = jobs.get_job_status(job_id)
+        if follow_logs:
+            logs = jobs.get_job_logs(job_id)
+            sys.stdout.write(logs[printed:])
+            printed = len(logs)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            print(f"job {job_id}: {status.value}", file=sys.stderr)
+            return 0 if status == JobStatus.SUCCEEDED else 1
+        if timeout and time.monotonic() - start > timeout:
+            print(f"job {job_id}: still {status.value} after {timeout:.0f} s", file=sys.stderr)
+            return 3
+        time.sleep(1.0)
+
+
+def jobs_action(action: str, args: argparse.Namespace) -> int:
+    jobs = client(args.address)
+    if action == "list":
+        for job in jobs.list_jobs():
+            print(f"{job.submission_id or job.job_id}\t{job.status.value}\t{job.entrypoint}")
+    elif action == "status":
+        print(jobs.get_job_status(args.job_id).value)
+    elif action == "logs":
+        print(jobs.get_job_logs(args.job_id), end="")
+    elif action == "stop":
+        stopped = jobs.stop_job(args.job_id)
+        print("stopping" if stopped else "already finished")
+    elif action == "wait":
+        return wait(args.address, args.job_id, timeout=args.timeout)
+    return 0
+
+
+def _address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help=f"Ray dashboard URL (default $RAY_ADDRESS or {DEFAULT_ADDRESS})")
+
+
+def _submit_arguments(parser: argparse.ArgumentParser) -> None:
+    _address(parser)
+    parser.add_argument("--working-dir", action="store_true",
+                        help="upload this checkout as the job's working dir (else enat must be installed)")
+    parser.add_argument("--forward-credentials", action="store_true",
+                        help="copy AWS_ACCESS_KEY_ID/SECRET into the job env (for clusters you own)")
+    parser.add_argument("--job-id", help="submission id (default: generated)")
+    parser.add_argument("--wait", action="store_true", help="follow logs until the job ends")
+    parser.add_argument("enat_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                        help="the enat command to run, after --")
+
+
+def _job_arguments(action: str):
+    def add(parser: argparse.ArgumentParser) -> None:
+        _address(parser)
+        if action != "list":
+            parser.add_argument("job_id")
+        if action == "wait":
+            parser.add_argument("--timeout", type=float, default=0, help="seconds (0 = no limit)")
+    return add
+
+
+def commands() -> dict[str, dict[str, Command]]:
+    helps = {"list": "list jobs with their status", "status": "print one job's status",
+             "logs": "print one job's logs", "stop": "stop a running job",
+             "wait": "wait for a job to end (exit 0 if it succeeded)"}
+    return {
+        "": {"submit": Command("submit an enat command to a Ray cluster (Job API); prints the job id",
+                               None, lambda _c, args: submit(args), add_arguments=_submit_arguments)},
+        "jobs": {action: Command(text, None, (lambda a: lambda _c, args: jobs_action(a, args))(action),
+                                 add_arguments=_job_arguments(action))
+                 for action, text in helps.items()},
+    }
+
+
+GROUP_HELP = {"jobs": "cluster jobs: list, status, logs, stop, wait"}

@@ -1,0 +1,100 @@
+"""`enat submit` / `enat jobs` against a real local Ray head with its dashboard."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cluster.services import free_port, pid_alive
+from cluster.submit import entrypoint, job_environment
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head --block` in its own process group, stopped by that group's PID."""
+    temp = tmp_path_factory.mktemp("ray")
+    dashboard = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    command = [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
+               "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={dashboard}", "--num-cpus=1", f"--temp-dir={temp}",
+               "--include-dashboard=true", "--disable-usage-stats",
+               # Every port free-chosen: other Ray instances may run on this machine.
+               f"--dashboard-agent-listen-port={free_port()}",
+               f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+               f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
+               f"--object-manager-port={free_port()}"]
+    head = subprocess.Popen(command, env=env, stdout=open(temp / "head.log", "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                break
+        except OSError:
+            assert head.poll() is None, (temp / "head.log").read_text()[-2000:]
+            time.sleep(1)
+    else:
+        pytest.fail("the Ray head's dashboard did not come up")
+    yield address
+    # `ray start --block` leaves its group on SIGTERM slowly or not at all: give it a
+    # moment, then kill what remains of the group it leads.
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait(timeout=30)
+    assert not pid_alive(head.pid)
+
+
+def enat(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def test_entrypoint_and_environment_never_carry_secrets(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "S3CRET")
+    command = ["--", "enat", "data", "demo", "limit=3"]
+    assert entrypoint(command, working_dir=False) == "enat data demo limit=3"
+    assert entrypoint(["train", "x=1"], working_dir=True) == "python -m cluster.cli train x=1"
+    assert job_environment(False) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:1"}
+    assert job_environment(True)["AWS_SECRET_ACCESS_KEY"] == "S3CRET"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_submit_poll_logs_and_list(ray_head, tmp_path):
+    out = tmp_path / "demo-data"
+    secret = "NEVER-IN-LOGS-123"
+    submitted = enat("submit", "--address", ray_head, "--", "enat", "data", "demo",
+                     "--out", str(out), "limit=12", "cc3m_shard_size=5",
+                     env={"AWS_SECRET_ACCESS_KEY": secret})
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    assert job_id.startswith("raysubmit_")
+
+    waited = enat("jobs", "wait", "--address", ray_head, job_id, "--timeout", "300")
+    logs = enat("jobs", "logs", "--address", ray_head, job_id).stdout
+    assert waited.returncode == 0, logs[-3000:]
+    assert enat("jobs", "status", "--address", ray_head, job_id).stdout.strip() == "SUCCEEDED"
+    assert "demo data: 12 images" in logs and secret not in logs
+    assert len(list((out / "imagenet" / "train").rglob("*.png"))) == 12
+    listed = enat("jobs", "list", "--address", ray_head).stdout
+    assert job_id in listed and "SUCCEEDED" in listed
+    failing = enat("submit", "--address", ray_head, "--wait", "--", "data", "demo", "bogus=1")
+    assert failing.returncode == 1 and "unknown key 'bogus'" in failing.stdout
