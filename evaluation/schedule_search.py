@@ -1,0 +1,162 @@
+"""AutoNAT's generation-strategy search as a pure optimizer (no Ray here).
+
+The strategy of T steps is a vector of 4T-2 numbers: T-1 mask ratios, T-1 mask
+temperatures, T sampling temperatures, T CFG scales. One update estimates the gradient
+of FID by one-sided finite differences, one coordinate at a time (step 0.01 for ratios,
+0.1 for the rest): 4T-1 evaluations (the base point and 4T-2 perturbed points), all
+independent, so they can run at once. It then takes an SGD-with-momentum step (momentum
+0.5, lr 1e-3 for ratios, 0.1 for the rest) and clips ratios to [0, 0.99] and the rest to
+>= 1e-4.
+
+Ratios are not forced to be non-increasing: a non-monotone schedule is still valid,
+because every step reveals at least one token (Strategy.masked_counts). Set
+`monotone_ratios` to project them onto non-increasing sequences after each update.
+
+The state is plain JSON (`to_json`/`from_json`), so an interrupted search resumes: the
+evaluations already finished for the current update are kept and only the missing ones
+are asked for again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from models.strategy import Strategy
+from models.typed_config import check
+
+
+@dataclass
+class SearchHyperparameters:
+    ratio_delta: float = 0.01  # finite-difference step for mask ratios
+    other_delta: float = 0.1  # ... for temperatures and CFG scales
+    ratio_lr: float = 1e-3
+    other_lr: float = 0.1
+    momentum: float = 0.5
+    max_ratio: float = 0.99
+    min_other: float = 1e-4
+    monotone_ratios: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("ratio_delta", "other_delta", "ratio_lr", "other_lr"):
+            check(getattr(self, key) > 0, key, "> 0", getattr(self, key))
+        check(0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
+
+
+def to_vector(strategy: Strategy) -> list[float]:
+    return [float(v) for group in strategy.as_tuple() for v in group]
+
+
+def from_vector(vector: list[float], steps: int) -> Strategy:
+    cuts = [0, steps - 1, 2 * (steps - 1), 3 * steps - 2, 4 * steps - 2]
+    parts = [tuple(vector[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    return Strategy(*parts)
+
+
+@dataclass
+class Evaluation:
+    """One point to evaluate: the base (coordinate -1) or a perturbed coordinate."""
+
+    update: int
+    coordinate: int
+    vector: list[float]
+
+    @property
+    def key(self) -> str:
+        return f"{self.update}:{self.coordinate}"
+
+
+@dataclass
+class AutoNATSearch:
+    steps: int
+    params: list[float]
+    hyper: SearchHyperparameters = field(default_factory=SearchHyperparameters)
+    velocity: list[float] = field(default_factory=list)
+    update: int = 0
+    results: dict[str, float] = field(default_factory=dict)  # key -> FID, current update
+    history: list[dict] = field(default_factory=list)  # per finished update: base FID, params
+
+    def __post_init__(self) -> None:
+        if len(self.params) != 4 * self.steps - 2:
+            raise ValueError(f"{self.steps} steps need {4 * self.steps - 2} parameters")
+        if not self.velocity:
+            self.velocity = [0.0] * len(self.params)
+
+    @classmethod
+    def start(cls, strategy: Strategy, hyper: SearchHyperparameters | None = None) -> AutoNATSearch:
+        return cls(strategy.steps, to_vector(strategy), hyper or SearchHyperparameters())
+
+    def is_ratio(self, coordinate: int) -> bool:
+        return coordinate < self.steps - 1
+
+    def delta(self, coordinate: int) -> float:
+        return self.hyper.ratio_delta if self.is_ratio(coordinate) else self.hyper.other_delta
+
+    def evaluations(self) -> list[Evaluation]:
+        """All 4T-1 evaluations of the current update (base first)."""
+        points = [Evaluation(self.update, -1, list(self.params))]
+        for i in range(len(self.params)):
+            moved = list(self.params)
+            moved[i] += self.delta(i)
+            points.append(Evaluation(self.update, i, moved))
+        return points
+
+    def pending(self) -> list[Evaluation]:
+        return [e for e in self.evaluations() if e.key not in self.results]
+
+    def record(self, evaluation: Evaluation, fid: float) -> bool:
+        """Store one result; when the update's last result arrives, take the step.
+        Returns True when an update was completed. Results of other updates are ignored."""
+        if evaluation.update != self.update:
+            return False
+        self.results[evaluation.key] = float(fid)
+        if self.pending():
+            return False
+        self._step()
+        return True
+
+    def _step(self) -> None:
+        base = self.results[f"{self.update}:-1"]
+        gradient = [(self.results[f"{self.update}:{i}"] - base) / self.delta(i)
+                    for i in range(len(self.params))]
+        self.history.append({"update": self.update, "base_fid": base, "params": list(self.params),
+                             "gradient": gradient})
+        for i, g in enumerate(gradient):
+            self.velocity[i] = self.hyper.momentum * self.velocity[i] + g
+            lr = self.hyper.ratio_lr if self.is_ratio(i) else self.hyper.other_lr
+            self.params[i] -= lr * self.velocity[i]
+        self._clip()
+        self.update += 1
+        self.results = {}
+
+    def _clip(self) -> None:
+        ratios = self.steps - 1
+        for i in range(len(self.params)):
+            if i < ratios:
+                self.params[i] = min(max(self.params[i], 0.0), self.hyper.max_ratio)
+            else:
+                self.params[i] = max(self.params[i], self.hyper.min_other)
+        if self.hyper.monotone_ratios:
+            for i in range(1, ratios):
+                self.params[i] = min(self.params[i], self.params[i - 1])
+
+    def best(self) -> tuple[Strategy, float]:
+        """The evaluated base point with the lowest FID (the current one if none yet)."""
+        if not self.history:
+            return from_vector(self.params, self.steps), float("nan")
+        best = min(self.history, key=lambda h: h["base_fid"])
+        return from_vector(best["params"], self.steps), best["base_fid"]
+
+    def strategy(self) -> Strategy:
+        return from_vector(self.params, self.steps)
+
+    def to_json(self) -> str:
+        return json.dumps({"steps": self.steps, "params": self.params, "hyper": self.hyper.__dict__,
+                           "velocity": self.velocity, "update": self.update,
+                           "results": self.results, "history": self.history})
+
+    @classmethod
+    def from_json(cls, text: str) -> AutoNATSearch:
+        data = json.loads(text)
+        data["hyper"] = SearchHyperparameters(**data["hyper"])
+        return cls(**data)

@@ -1,0 +1,92 @@
+"""AutoNAT's finite-difference search as a pure optimizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from evaluation.schedule_search import (
+    AutoNATSearch,
+    SearchHyperparameters,
+    from_vector,
+    to_vector,
+)
+from models.strategy import Strategy
+
+
+def quadratic(target: list[float]):
+    return lambda v: sum((a - b) ** 2 for a, b in zip(v, target, strict=True))
+
+
+def run(search: AutoNATSearch, objective, updates: int) -> None:
+    for _ in range(updates):
+        for evaluation in search.pending():
+            search.record(evaluation, objective(evaluation.vector))
+
+
+def test_vector_round_trip():
+    strategy = Strategy.default(4)
+    assert from_vector(to_vector(strategy), 4) == strategy
+    assert len(to_vector(strategy)) == 4 * 4 - 2
+
+
+def test_one_update_asks_for_4t_minus_1_evaluations_with_the_right_deltas():
+    search = AutoNATSearch.start(Strategy.default(8))
+    points = search.evaluations()
+    assert len(points) == 31 and points[0].coordinate == -1
+    assert points[1].vector[0] == pytest.approx(search.params[0] + 0.01)  # a ratio
+    assert points[8].vector[7] == pytest.approx(search.params[7] + 0.1)  # a mask temperature
+
+
+def test_converges_on_a_quadratic_with_its_minimum_inside_the_box():
+    start = Strategy.default(4)
+    target = [0.8, 0.5, 0.2, 1.0, 0.7, 0.4, 1.2, 1.0, 0.8, 0.6, 0.5, 1.0, 1.5, 2.0]
+    # The quadratic's curvature is 2 per coordinate; lrs chosen for it (the FID defaults
+    # are scaled for FID's units).
+    hyper = SearchHyperparameters(ratio_lr=0.1, other_lr=0.1, ratio_delta=1e-3, other_delta=1e-3)
+    search = AutoNATSearch(4, to_vector(start), hyper)
+    objective = quadratic(target)
+    initial = objective(search.params)
+    run(search, objective, 60)
+    assert objective(search.params) < 1e-3 * initial
+    assert search.params == pytest.approx(target, abs=0.02)
+    assert search.history[-1]["base_fid"] < search.history[0]["base_fid"]
+    best, best_fid = search.best()
+    assert best_fid == min(h["base_fid"] for h in search.history)
+
+
+def test_clipping_keeps_ratios_in_range_and_the_rest_positive():
+    hyper = SearchHyperparameters(ratio_lr=1.0, other_lr=1.0)
+    search = AutoNATSearch.start(Strategy.default(3), hyper)
+    # Pushes ratios up past 0.99 and everything else below zero.
+    objective = lambda v: -10 * (v[0] + v[1]) + 10 * sum(v[2:])
+    run(search, objective, 5)
+    assert all(0 <= r <= 0.99 for r in search.params[:2])
+    assert all(x >= 1e-4 for x in search.params[2:])
+    search.strategy()  # still a valid Strategy
+
+
+@pytest.mark.parametrize("monotone", [False, True])
+def test_monotone_option_projects_ratios(monotone):
+    hyper = SearchHyperparameters(ratio_lr=1.0, monotone_ratios=monotone)
+    search = AutoNATSearch.start(Strategy.default(4), hyper)
+    objective = lambda v: 30 * v[1] - 30 * v[2]  # pushes the third ratio above the second
+    run(search, objective, 3)
+    ratios = search.params[:3]
+    assert (ratios == sorted(ratios, reverse=True)) == monotone
+
+
+def test_interrupted_update_resumes_from_json_without_redoing_finished_points():
+    objective = quadratic([0.5] * 14)
+    search = AutoNATSearch.start(Strategy.default(4))
+    points = search.pending()
+    for point in points[:6]:
+        search.record(point, objective(point.vector))
+    restored = AutoNATSearch.from_json(search.to_json())
+    assert [p.key for p in restored.pending()] == [p.key for p in points[6:]]
+    for point in restored.pending():
+        restored.record(point, objective(point.vector))
+    reference = AutoNATSearch.start(Strategy.default(4))
+    run(reference, objective, 1)
+    assert restored.update == 1 and restored.params == pytest.approx(reference.params)
+    # A late result from an older update is ignored.
+    assert not restored.record(points[0], 123.0)
