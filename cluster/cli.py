@@ -19,6 +19,8 @@ from models.typed_config import ConfigError
 # holds top-level commands) and may describe its groups in GROUP_HELP.
 COMMAND_MODULES = [
     "cluster.basic_commands",
+    "cluster.submit",
+    "cluster.pretokenize_cmd",
 ]
 
 

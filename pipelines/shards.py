@@ -112,6 +112,18 @@ def write_shard(url: str, samples: list[TokenSample]) -> dict[str, Any]:
             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
+def read_shard(url: str) -> list[TokenSample]:
+    """All samples of one shard, in order (for inspection and checks; training streams
+    shards with WebDataset instead)."""
+    grouped: dict[str, dict[str, Any]] = {}
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(url)), mode="r:") as tar:
+        for member in tar:
+            key, _, extension = member.name.partition(".")  # keys hold no dots
+            files = grouped.setdefault(key, {"__key__": key})
+            files[extension] = tar.extractfile(member).read()
+    return [decode_sample(files) for files in grouped.values()]
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
@@ -133,6 +145,16 @@ class Manifest:
     totals: dict[str, int] = field(default_factory=dict)
     tool_version: str = ""
     format_version: int = FORMAT_VERSION
+    # Inputs kept after a non-trivial conversion (CMYK, 16-bit, palette, alpha): {"input", "note"}.
+    converted: list[dict[str, str]] = field(default_factory=list)
+    flip: bool = False  # every sample also has `<key>.flip.tokens.npy`
+    tokenizer_url: str = ""  # where the tokenizer was loaded from (for `--inspect`)
+    # sha256 of everything that decides the shards' bytes (inputs, tokenizer, settings):
+    # a rerun with the same plan resumes, a different plan is refused.
+    plan_sha256: str = ""
+    # How this particular run went (elapsed time, throughput, resumed shards). The only
+    # part that differs between a clean run and an interrupted-then-resumed one.
+    run: dict[str, Any] = field(default_factory=dict)
 
     def shard_urls(self, root: str, split: str = "train") -> list[str]:
         if split not in self.splits:
@@ -144,6 +166,10 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=1, sort_keys=True)
+
+    def content(self) -> dict[str, Any]:
+        """Everything but the `run` section: equal for equal inputs and settings."""
+        return {key: value for key, value in self.__dict__.items() if key != "run"}
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:

