@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import typing
 
 from cluster.command import Command
 from cluster.config import load_config
@@ -19,6 +20,7 @@ from models.typed_config import ConfigError
 # holds top-level commands) and may describe its groups in GROUP_HELP.
 COMMAND_MODULES = [
     "cluster.basic_commands",
+    "cluster.train_cmd",
     "cluster.submit",
     "cluster.pretokenize_cmd",
 ]
@@ -41,11 +43,14 @@ def _add_command(sub: argparse._SubParsersAction, name: str, command: Command) -
     if command.config_cls is not None:
         parser.add_argument("--config", metavar="PRESET_OR_PATH",
                             help="YAML preset name (configs/) or path")
+        hints = typing.get_type_hints(command.config_cls)
         for flag, key in command.flags.items():
+            kind = hints.get(key)
             parser.add_argument(flag, dest=f"flag_{key}", metavar=key.upper(),
-                                help=f"same as {key}=...")
+                                type=kind if kind in (int, float) else None, help=f"same as {key}=...")
         parser.add_argument("overrides", nargs="*", metavar="key=value",
-                            help="config overrides, dotted keys allowed")
+                            help=(f"[{command.positional.upper()}] " if command.positional else "")
+                            + "config overrides, dotted keys allowed")
     if command.add_arguments is not None:
         command.add_arguments(parser)
 
@@ -71,7 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come after options (`search CKPT --steps 4 seed=1`): argparse leaves
+    # those as unknown arguments, so collect them here.
+    args, unknown = parser.parse_known_args(argv)
+    stray = [item for item in unknown if item.startswith("-") or "=" not in item]
+    if stray or (unknown and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or unknown)}")
+    if unknown:
+        args.overrides = list(args.overrides) + unknown
     if not hasattr(args, "command"):
         parser.print_help()
         return 2
@@ -81,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         if command.config_cls is not None:
             flags = {key: getattr(args, f"flag_{key}") for key in command.flags.values()
                      if getattr(args, f"flag_{key}") is not None}
-            config = load_config(command.config_cls, args.config, args.overrides, flags=flags)
+            overrides = list(args.overrides)
+            if command.positional and overrides and "=" not in overrides[0]:
+                flags[command.positional] = overrides.pop(0)
+            config = load_config(command.config_cls, args.config, overrides, flags=flags)
         return command.run(config, args) or 0
     except ConfigError as err:
         print(f"enat: error: {err}", file=sys.stderr)

@@ -16,5 +16,7 @@ class Command:
     config_cls: type | None
     run: Callable[[Any, argparse.Namespace], int | None]
     flags: dict[str, str] = field(default_factory=dict)  # "--out" -> config key "out"
+    # A config key that may also be given as the first argument (`enat search <checkpoint>`).
+    positional: str | None = None
     # Extra argparse arguments that are not config keys (e.g. `services up --mlflow`).
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None

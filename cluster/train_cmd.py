@@ -1,0 +1,209 @@
+"""`enat train`: the training loop (trainer/loop.py) under Ray Train, or under torchrun.
+
+With Ray (the default), a TorchTrainer runs `launch.num_workers` copies of the loop; Ray
+creates the process group (gloo on CPU, NCCL on GPUs) and restarts the workers up to
+`launch.max_failures` times when one dies. A restart simply reruns the loop, which resumes
+from the run's latest complete checkpoint in our storage: Ray never holds our checkpoints
+(it gets the checkpoint URL in each report), so the same checkpoints serve Ray restarts,
+torchrun reruns and evaluation. Ray's own bookkeeping (RunConfig storage) goes under the
+same root, {root}/runs/<run>/ray, or `launch.ray_storage`. The local Ray is the default;
+RAY_ADDRESS names a cluster. Workers started by a local Ray inherit this environment; on a
+cluster only the non-secret endpoint variables are forwarded (credentials must come from
+the cluster's own environment, never from a command line).
+
+Without Ray:
+    torchrun --nproc_per_node=2 -m cluster.cli train --config tiny-enat-demo data.url=...
+runs the same loop in each torchrun process (detected by TORCHELASTIC_RUN_ID); a rerun of
+the same command resumes. `launch.launcher=process` runs it in this process only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from cluster.command import Command
+from cluster.config import CONFIG_DIR, merge, parse_overrides, preset_path, read_yaml
+from models.typed_config import ConfigError, check, from_dict, to_dict
+
+if TYPE_CHECKING:  # importing the loop pulls in torch: only when a job runs
+    from trainer.loop import TrainConfig
+
+# Forwarded to workers of a remote Ray cluster (a local Ray inherits the whole environment).
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+
+
+@dataclass
+class LaunchConfig:
+    launcher: Literal["auto", "ray", "process"] = "auto"  # auto: process under torchrun, else ray
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: Literal["auto", "yes", "no"] = "auto"  # auto: when the Ray cluster has GPUs
+    max_failures: int = 1  # worker failures Ray recovers from (each restart resumes)
+    ray_storage: str = ""  # Ray's bookkeeping; "" = {root}/runs/<run>/ray
+
+    def __post_init__(self) -> None:
+        check(self.num_workers >= 1, "launch.num_workers", ">= 1", self.num_workers)
+        check(self.cpus_per_worker > 0, "launch.cpus_per_worker", "> 0", self.cpus_per_worker)
+        check(self.max_failures >= -1, "launch.max_failures", ">= -1 (-1: unlimited)", self.max_failures)
+
+
+def _resolve_model(value: Any) -> Any:
+    """A model preset name or path (`models/tiny-enat`) becomes its mapping."""
+    return read_yaml(preset_path(value)) if isinstance(value, str) else value
+
+
+def train_preset_path(name: str) -> Any:
+    """`tiny-enat-demo` means configs/train/tiny-enat-demo.yaml; paths and `train/<name>` work too."""
+    in_train = (CONFIG_DIR / "train" / f"{name}.yaml").exists()
+    if "/" not in name and not name.endswith((".yaml", ".yml")) and in_train:
+        name = f"train/{name}"
+    return preset_path(name)
+
+
+def load_train_config(preset: str | None, overrides: list[str] | tuple[str, ...] = ()
+                      ) -> tuple[TrainConfig, LaunchConfig]:
+    """Preset YAML < key=value overrides, as (loop config, `launch:` section). `model:` may
+    name a model preset; `model.<key>=...` overrides then apply to that preset's values."""
+    from trainer.loop import TrainConfig
+
+    data = read_yaml(train_preset_path(preset)) if preset else {}
+    update = parse_overrides(overrides)
+    if "model" in data:
+        data["model"] = _resolve_model(data["model"])
+    if isinstance(update.get("model"), str):  # another preset replaces the model wholesale
+        data["model"] = _resolve_model(update.pop("model"))
+    data = merge(data, update)
+    launch = data.pop("launch", {})
+    if not isinstance(launch, dict):
+        raise ConfigError(f"bad value for 'launch': expected a mapping, got {launch!r}")
+    return from_dict(TrainConfig, data), from_dict(LaunchConfig, launch, prefix="launch.")
+
+
+def preflight(config: TrainConfig) -> None:
+    """Fail before any worker starts: storage permission, manifest vs model, missing shards,
+    the checkpoint named by resume=."""
+    from models import build_config
+    from pipelines import storage
+    from trainer import checkpoint
+    from trainer.data import open_dataset
+
+    storage.check_writable(checkpoint.run_url(config.root, config.run))
+    open_dataset(config.data, build_config(config.model))
+    checkpoint.resume_target(config.root, config.run, config.resume)
+
+
+def _ray_storage(config: TrainConfig, launch: LaunchConfig) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig."""
+    from trainer import checkpoint
+
+    url = launch.ray_storage or checkpoint.run_url(config.root, config.run) + "/ray"
+    if "://" not in url or url.startswith("file://"):
+        path = os.path.abspath(url.removeprefix("file://"))
+        os.makedirs(path, exist_ok=True)
+        return path, None
+    import pyarrow.fs
+    from fsspec.core import url_to_fs
+
+    # Ray writes through pyarrow; wrapping our fsspec filesystem keeps one configuration
+    # (AWS_* from the environment, custom endpoints such as SeaweedFS included).
+    fs, path = url_to_fs(url)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def _ray_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+
+    from trainer.loop import TrainConfig, train
+
+    config = from_dict(TrainConfig, loop_config["config"])
+
+    def report(step: int, url: str, metrics: dict[str, float]) -> None:
+        ray.train.report({"step": step, "checkpoint_url": url, **metrics})
+
+    train(config, on_checkpoint=report)
+
+
+def run_on_ray(config: TrainConfig, launch: LaunchConfig) -> Any:
+    """Run the loop under Ray Train's TorchTrainer; returns Ray's Result, raises
+    ray.train.TrainingFailedError when the workers failed more than max_failures times."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    address = os.environ.get("RAY_ADDRESS")
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        if not address:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+        ray.init(address=address or None, include_dashboard=False, runtime_env={"env_vars": env},
+                 num_cpus=None if address else max(os.cpu_count() or 1,
+                                                   int(launch.num_workers * launch.cpus_per_worker)))
+    try:
+        use_gpu = (launch.use_gpu == "yes" or
+                   (launch.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0))
+        storage_path, storage_fs = _ray_storage(config, launch)
+        trainer = TorchTrainer(
+            _ray_worker,
+            train_loop_config={"config": to_dict(config)},
+            scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": launch.cpus_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(name=config.run, storage_path=storage_path, storage_filesystem=storage_fs,
+                                 failure_config=FailureConfig(max_failures=launch.max_failures)),
+        )
+        return trainer.fit()
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def _run(_config: Any, args: argparse.Namespace) -> int:
+    from pipelines.shards import ManifestMismatch
+    from pipelines.storage import StorageError
+    from trainer import checkpoint
+    from trainer.loop import train
+
+    config, launch = load_train_config(args.config, args.overrides)
+    launcher = launch.launcher
+    if launcher == "auto":
+        launcher = "process" if "TORCHELASTIC_RUN_ID" in os.environ else "ray"
+    try:
+        if os.environ.get("RANK", "0") == "0":
+            preflight(config)
+        if launcher == "process":
+            result = train(config)
+            if result.step == config.steps and os.environ.get("RANK", "0") == "0":
+                print(f"run {config.run} finished at step {result.step}; last checkpoint {result.checkpoint}")
+            return 0
+        import ray.train
+
+        try:
+            run_on_ray(config, launch)
+        except ray.train.TrainingFailedError as err:
+            print(f"enat: error: training failed after {launch.max_failures} restart(s): "
+                  f"{str(err).splitlines()[0]}", file=sys.stderr)
+            return 1
+    except (ManifestMismatch, StorageError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"enat: error: {err}", file=sys.stderr)
+        return 2
+    last = checkpoint.latest(config.root, config.run)
+    print(f"run {config.run} finished at step {last.step if last else '?'}; "
+          f"EMA model for evaluation: {last.ema_url if last else 'none'}")
+    return 0
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="PRESET_OR_PATH",
+                        help="train preset (configs/train/<name>.yaml or train/<name>) or a YAML path")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, dotted keys allowed (model.width=64, launch.num_workers=4)")
+
+
+def commands() -> dict[str, dict[str, Command]]:
+    return {"": {"train": Command("train ENAT or NAT with DeepSpeed under Ray Train (or torchrun)",
+                                  None, _run, add_arguments=_arguments)}}

@@ -1,0 +1,60 @@
+"""Checkpoint folders on storage: only marked folders count, pruning, crash leftovers, and
+the checks that refuse a checkpoint the run cannot continue from (local and SeaweedFS)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines import storage
+from trainer import checkpoint
+from trainer.checkpoint import CheckpointError
+
+
+def fake_checkpoint(root: str, run: str, step: int, complete: bool = True) -> str:
+    url = checkpoint.step_url(root, run, step)
+    files = ["deepspeed/mp_rank_00_model_states.pt"]
+    for name in files:
+        storage.write_bytes(storage.join(url, name), b"x")
+    if complete:
+        meta = {"step": step, "world_size": 2, "zero_stage": 2, "model": {"kind": "enat", "width": 64},
+                "files": files}
+        storage.write_bytes(storage.join(url, checkpoint.MARKER), json.dumps(meta).encode())
+    return url
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return storage.join(request.getfixturevalue("s3_bucket"), "root")
+
+
+def test_only_marked_folders_are_checkpoints_and_pruning_keeps_the_newest(root):
+    for step in (10, 20, 30):
+        fake_checkpoint(root, "r", step)
+    half = fake_checkpoint(root, "r", 40, complete=False)  # a crash during the save of step 40
+    complete, partial = checkpoint.scan(root, "r")
+    assert [c.step for c in complete] == [10, 20, 30] and partial == [half]
+    assert checkpoint.latest(root, "r").step == 30
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        checkpoint.open_checkpoint(half)
+
+    removed = checkpoint.prune(root, "r", keep_last=2)
+    assert removed == [checkpoint.step_url(root, "r", 10)]
+    assert not storage.exists(storage.join(checkpoint.step_url(root, "r", 10), checkpoint.MARKER))
+    assert checkpoint.clean_partial(root, "r") == [half]
+    complete, partial = checkpoint.scan(root, "r")
+    assert [c.step for c in complete] == [20, 30] and partial == []
+    assert checkpoint.open_checkpoint(checkpoint.step_url(root, "r", 30)).meta["zero_stage"] == 2
+    assert checkpoint.latest(root, "other-run") is None
+
+
+def test_resume_checks_name_what_differs(tmp_path):
+    saved = checkpoint.open_checkpoint(fake_checkpoint(str(tmp_path), "r", 5))
+    checkpoint.check_resumable(saved, 2, 2, {"kind": "enat", "width": 64})
+    with pytest.raises(CheckpointError, match="written by 2 workers with ZeRO-2; resume with the same"):
+        checkpoint.check_resumable(saved, 4, 2, {"kind": "enat", "width": 64})
+    with pytest.raises(CheckpointError, match="holds another model \\(differs in: width\\)"):
+        checkpoint.check_resumable(saved, 2, 2, {"kind": "enat", "width": 96})

@@ -1,0 +1,207 @@
+"""The training loop on real DeepSpeed over gloo: two torchrun processes (ZeRO-0 and ZeRO-3;
+a ZeRO-3 run stopped and resumed through `enat train` under torchrun) and one plain process
+(the NAT baseline, resume from another run's checkpoint, an unreachable MLflow, a corrupt
+shard). Every run is fp32 on CPU, so a resumed run must repeat the uninterrupted one exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cluster.cli import main
+from models import build_config, build_model
+from pipelines import storage
+from pipelines.model_io import load_model
+from trainer import checkpoint
+from trainer.synthetic import SyntheticSpec, write_synthetic_shards
+
+REPO = Path(__file__).resolve().parents[1]
+ENAT = {"kind": "enat", "codebook_size": 64, "grid_size": 4, "width": 32, "heads": 2, "encoder_depth": 2,
+        "decoder_depth": 1, "num_classes": 5}
+NAT = {"kind": "nat", "codebook_size": 64, "grid_size": 4, "width": 32, "heads": 2, "depth": 2,
+       "num_classes": 5}
+STEPS, STOP = 16, 7
+
+# Runs the loop in each process of a launcher (torchrun, or a plain python process):
+# argv = preset, output folder, then runs as "name|until_step|override,override,...".
+RUNNER = """
+import json, sys
+from cluster.train_cmd import load_train_config
+from trainer.loop import train
+preset, out = sys.argv[1], sys.argv[2]
+for spec in sys.argv[3:]:
+    name, until, overrides = spec.split("|")
+    config, _ = load_train_config(preset, [f"run={name}", *filter(None, overrides.split(","))])
+    result = train(config, until_step=int(until) or None)
+    with open(f"{out}/{name}-{result.step}-rank{__import__('os').environ['RANK']}.json", "w") as f:
+        json.dump({"losses": result.losses, "resumed_from": result.resumed_from}, f)
+"""
+
+
+def write_preset(tmp_path: Path, model: dict, **values) -> Path:
+    config = {"root": str(tmp_path / "root"), "model": model, "seed": 1, "steps": STEPS,
+              "batch_size": 6, "lr": 2e-3, "warmup_steps": 2, "precision": "fp32", "ema_decay": 0.9,
+              "log_every": 1, "checkpoint_every": STOP, "keep_last": 3, "mlflow_experiment": "tests",
+              "data": {"url": str(tmp_path / "data"), "readers": 2, "shuffle_buffer": 16},
+              **values}
+    path = tmp_path / "preset.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def environment(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", **extra}
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+
+
+def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def loss_history(tmp_path: Path, run_name: str) -> dict[int, float]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`mlflow.runName` = '{run_name}'")
+    assert len(runs) == 1, f"expected one MLflow run named {run_name}, found {len(runs)}"
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert len(history) == len({m.step for m in history})  # each step logged once
+    return {m.step: m.value for m in history}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """ZeRO-0 and ZeRO-3 runs, and a ZeRO-3 run stopped at STOP then resumed by
+    `enat train` under torchrun in fresh processes."""
+    tmp_path = tmp_path_factory.mktemp("two-process")
+    write_synthetic_shards(str(tmp_path / "data"), SyntheticSpec(grid=4, codebook_size=64, num_classes=5,
+                                                                  samples=160, per_shard=16))
+    preset = write_preset(tmp_path, ENAT)
+    (tmp_path / "runner.py").write_text(RUNNER)
+    (tmp_path / "out").mkdir()
+    env = environment(tmp_path)
+    run(torchrun(str(tmp_path / "runner.py"), str(preset), str(tmp_path / "out"), "z0|0|zero_stage=0",
+                 "z3|0|zero_stage=3", f"z3r|{STOP}|zero_stage=3"), env)
+    resumed = run(torchrun("-m", "cluster.cli", "train", "--config", str(preset), "run=z3r", "zero_stage=3"),
+                  env)
+    return tmp_path, resumed
+
+
+@pytest.mark.slow
+def test_resumed_run_repeats_the_uninterrupted_losses_exactly(two_process_runs):
+    tmp_path, resumed = two_process_runs
+    assert f"resumed from {checkpoint.step_url(str(tmp_path / 'root'), 'z3r', STOP)}" in resumed.stdout
+    straight, stopped_and_resumed = loss_history(tmp_path, "z3"), loss_history(tmp_path, "z3r")
+    assert sorted(straight) == list(range(1, STEPS + 1))
+    assert stopped_and_resumed == straight  # steps 1..STOP before the stop, STOP+1.. after it
+    for rank in (0, 1):  # rank-local losses (each rank's own data) before the stop agree too
+        before = json.loads((tmp_path / "out" / f"z3r-{STOP}-rank{rank}.json").read_text())["losses"]
+        full = json.loads((tmp_path / "out" / f"z3-{STEPS}-rank{rank}.json").read_text())["losses"]
+        assert before == {k: v for k, v in full.items() if int(k) <= STOP}
+
+
+@pytest.mark.slow
+def test_zero3_ema_equals_zero0_ema_and_exports_load_without_deepspeed(two_process_runs):
+    tmp_path, _ = two_process_runs
+    root = str(tmp_path / "root")
+    emas = {}
+    for name in ("z0", "z3"):
+        latest = checkpoint.latest(root, name)
+        assert latest.step == STEPS
+        emas[name] = load_model(latest.ema_url)
+    torch.manual_seed(1)
+    initial = build_model(build_config({**ENAT, "cond_dropout": 0.0})).state_dict()
+    z0, z3 = emas["z0"].model.state_dict(), emas["z3"].model.state_dict()
+    moved = max(float((z0[k] - initial[k]).abs().max()) for k in z0)
+    gap = max(float((z0[k] - z3[k]).abs().max()) for k in z0)
+    assert moved > 1e-2  # the EMA followed training (decay 0.9)
+    assert gap < 1e-5, f"ZeRO-3 EMA differs from ZeRO-0 EMA by {gap}"
+    assert emas["z3"].config.cond_dropout == 0.1  # the export records the label drop applied
+
+
+@pytest.mark.slow
+def test_checkpoint_folder_layout_and_mlflow_record(two_process_runs):
+    tmp_path, _ = two_process_runs
+    root = str(tmp_path / "root")
+    complete, partial = checkpoint.scan(root, "z3r")
+    assert [c.step for c in complete] == [STOP, 2 * STOP, STEPS] and partial == []
+    files = set(complete[-1].meta["files"])
+    assert {"data/rank-00000.json", "data/rank-00001.json", "ema/model.safetensors", "ema/config.json",
+            "train_config.json", "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "deepspeed/zero_pp_rank_1_mp_rank_00_model_states.pt"} <= files
+    for name in files:
+        assert storage.exists(storage.join(complete[-1].url, name))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    found = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                               "tags.`mlflow.runName` = 'z3r'")[0]
+    assert found.data.tags["checkpoint.latest"] == complete[-1].url
+    assert found.data.params["zero_stage"] == "3" and found.data.params["model.width"] == "32"
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_s"} <= set(found.data.metrics)
+    assert found.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_nat_baseline_resume_from_url_and_unreachable_mlflow(tmp_path):
+    spec = SyntheticSpec(grid=4, codebook_size=64, num_classes=5, samples=96, per_shard=16)
+    write_synthetic_shards(str(tmp_path / "data"), spec)
+    bad = tmp_path / "data" / "train" / "shard-000002.tar"
+    data = bad.read_bytes()
+    bad.write_bytes(data[:1000] + b"\xff" * 200 + data[1200:])  # sha256 no longer matches
+    preset = write_preset(tmp_path, NAT, masking={"reuse_prob": 0.0}, zero_stage=1, steps=12,
+                          checkpoint_every=4, keep_last=2, p_uncond=0.2)
+    (tmp_path / "runner.py").write_text(RUNNER)
+    env = environment(tmp_path, MLFLOW_TRACKING_URI="http://127.0.0.1:9", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+                      MLFLOW_HTTP_REQUEST_TIMEOUT="2")
+    root = str(tmp_path / "root")
+    fork = f"resume={checkpoint.step_url(root, 'nat', 8)},steps=10"
+    result = run([sys.executable, str(tmp_path / "runner.py"), str(preset), str(tmp_path),
+                  "nat|0|", f"nat2|0|{fork}"], env)
+    assert "warning: MLflow tracking disabled" in result.stderr
+    assert "shard-000002.tar does not match its manifest sha256, skipped" in result.stderr
+    assert [c.step for c in checkpoint.scan(root, "nat")[0]] == [8, 12]  # keep_last=2
+    first = json.loads((tmp_path / "nat-12-rank0.json").read_text())
+    fork_result = json.loads((tmp_path / "nat2-10-rank0.json").read_text())
+    assert fork_result["resumed_from"] == checkpoint.step_url(root, "nat", 8)
+    assert fork_result["losses"] == {k: first["losses"][k] for k in ("9", "10")}
+    exported = load_model(checkpoint.latest(root, "nat2").ema_url)
+    assert type(exported.model).__name__ == "UViT" and exported.config.cond_dropout == 0.2
+
+
+def test_bad_inputs_fail_before_training(tmp_path, s3_bucket, capsys, monkeypatch):
+    write_synthetic_shards(str(tmp_path / "data"), SyntheticSpec(grid=4, codebook_size=64, num_classes=5,
+                                                                  samples=32, per_shard=16))
+    preset = str(write_preset(tmp_path, ENAT))
+
+    def fails(*overrides: str) -> str:
+        assert main(["train", "--config", preset, "launch.launcher=process", *overrides]) == 2
+        return capsys.readouterr().err
+
+    mismatch = fails("data.tokenizer_id=vqgan-1234")
+    assert "tokenizer 'synthetic-000000000000' != expected 'vqgan-1234'" in mismatch
+    assert "codebook 64 != model's 128" in fails("model.codebook_size=128")
+    assert "unknown key 'model.depth'" in fails("model.depth=3")
+    assert "must be 0 for a NAT model" in fails("model=models/tiny-nat")
+    root = str(tmp_path / "root")
+    storage.write_bytes(storage.join(checkpoint.step_url(root, "old", 5), checkpoint.MARKER), b'{"step": 5}')
+    assert "run 'old' already has checkpoints" in fails("run=old", "resume=never")
+    assert "is not a complete checkpoint" in fails("run=new", f"resume={checkpoint.step_url(root, 'old', 9)}")
+    os.remove(tmp_path / "data" / "train" / "shard-000001.tar")
+    assert "1 of 2 shards listed" in fails()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    assert f"no permission to write {s3_bucket}/runs/" in fails(f"root={s3_bucket}")

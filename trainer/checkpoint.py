@@ -1,0 +1,244 @@
+"""Checkpoints on storage: published atomically, pruned to the last few, resumed from.
+
+Layout of one checkpoint, `{root}/runs/<run>/checkpoints/step-<n>/`:
+- `deepspeed/`            the engine's state (model, optimizer, LR schedule), one or more
+                          files per rank, as DeepSpeed's save_checkpoint wrote them
+- `ema/`                  the EMA weights as an exported model (model.safetensors +
+                          config.json): `pipelines.model_io.load_model(<that url>)` loads it
+                          without DeepSpeed
+- `data/rank-<r>.json`    each rank's data-stream position
+- `train_config.json`     the run's config
+- `checkpoint.json`       the marker, written last by rank 0 once every rank has uploaded
+
+Object stores have no atomic folder rename, so the marker is what makes a checkpoint:
+readers only consider step folders that have one. A crash mid-save leaves a folder without
+a marker, which no reader uses and the next start deletes. Pruning removes a checkpoint's
+marker before its files, so a complete-looking folder never lacks a file.
+
+DeepSpeed saves to a local directory: each rank saves into its own temporary directory and
+uploads what it wrote; on resume each rank downloads the shared files plus its own.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from safetensors.torch import load as load_safetensors
+
+from models.config import ModelConfig
+from pipelines import model_io, storage
+
+MARKER = "checkpoint.json"
+DEEPSPEED_DIR = "deepspeed"
+EMA_DIR = "ema"
+DATA_DIR = "data"
+CONFIG_NAME = "train_config.json"
+FORMAT_VERSION = 1
+STEP_FOLDER = re.compile(r"step-(\d+)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete or does not fit the run that wants to resume from it."""
+
+
+def run_url(root: str, run: str) -> str:
+    return storage.join(root, "runs", run)
+
+
+def checkpoints_url(root: str, run: str) -> str:
+    return storage.join(run_url(root, run), "checkpoints")
+
+
+def step_url(root: str, run: str, step: int) -> str:
+    return storage.join(checkpoints_url(root, run), f"step-{step}")
+
+
+@dataclass
+class Checkpoint:
+    url: str
+    step: int
+    meta: dict[str, Any]
+
+    @property
+    def ema_url(self) -> str:
+        return storage.join(self.url, EMA_DIR)
+
+
+def _step_of(url: str) -> int | None:
+    match = STEP_FOLDER.fullmatch(url.rstrip("/").rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def open_checkpoint(url: str) -> Checkpoint:
+    """The complete checkpoint at `url` (a step-<n> folder), or CheckpointError."""
+    marker = storage.join(url, MARKER)
+    if not storage.exists(marker):
+        raise CheckpointError(f"{url} is not a complete checkpoint (no {MARKER}): pick a step-<n> "
+                              f"folder that has one")
+    meta = json.loads(storage.read_bytes(marker))
+    return Checkpoint(url.rstrip("/"), int(meta["step"]), meta)
+
+
+def scan(root: str, run: str) -> tuple[list[Checkpoint], list[str]]:
+    """(complete checkpoints by step, URLs of step folders without a marker), from one
+    listing; folders without files (some S3 servers keep emptied folders) do not count."""
+    url = checkpoints_url(root, run)
+    fs, base = storage.filesystem(url)
+    base = base.rstrip("/")
+    names: dict[int, set[str]] = {}
+    for path in (fs.find(base) if fs.exists(base) else []):
+        folder, _, name = path[len(base) + 1 :].partition("/")
+        step = _step_of(folder)
+        if step is not None:
+            names.setdefault(step, set()).add(name)
+    complete, partial = [], []
+    for step in sorted(names):
+        step_folder = storage.join(url, f"step-{step}")
+        if MARKER in names[step]:
+            meta = json.loads(fs.cat_file(f"{base}/step-{step}/{MARKER}"))
+            complete.append(Checkpoint(step_folder, step, meta))
+        else:
+            partial.append(step_folder)
+    return complete, partial
+
+
+def latest(root: str, run: str) -> Checkpoint | None:
+    complete, _ = scan(root, run)
+    return complete[-1] if complete else None
+
+
+def resume_target(root: str, run: str, resume: str) -> Checkpoint | None:
+    """What a run starts from. `resume` is "auto" (the run's latest checkpoint, or none),
+    "never" (a fresh start; an error if the run has checkpoints) or a step-<n> folder URL,
+    which is used only while the run has no checkpoint of its own: a restarted run
+    continues from its own progress, not again from that folder."""
+    own = latest(root, run)
+    if resume == "never" and own is not None:
+        raise CheckpointError(f"run '{run}' already has checkpoints (latest {own.url}): use "
+                              f"resume=auto to continue it, or another run name")
+    if own is not None or resume in ("auto", "never"):
+        return own
+    return open_checkpoint(resume)
+
+
+def _remove(url: str) -> None:
+    storage.remove(storage.join(url, MARKER))  # first: the folder stops being a checkpoint
+    storage.remove(url, recursive=True)
+
+
+def clean_partial(root: str, run: str) -> list[str]:
+    """Delete step folders left without a marker by a crash (only one writer per run)."""
+    _, partial = scan(root, run)
+    for url in partial:
+        storage.remove(url, recursive=True)
+    storage.remove_temporaries(checkpoints_url(root, run))
+    return partial
+
+
+def prune(root: str, run: str, keep_last: int) -> list[str]:
+    """Keep the newest `keep_last` complete checkpoints; returns the URLs removed."""
+    complete, _ = scan(root, run)
+    old = complete[:-keep_last] if keep_last > 0 else []
+    for checkpoint in old:
+        _remove(checkpoint.url)
+    return [c.url for c in old]
+
+
+class _Folder:
+    """Files under one step folder, streamed to and from local files. They need no atomic
+    write of their own (no temporary key and copy): the marker, written last, publishes them."""
+
+    def __init__(self, url: str):
+        self.fs, self.path = storage.filesystem(url)
+
+    def put(self, local: Path, name: str) -> None:
+        target = f"{self.path}/{name}"
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        self.fs.put_file(str(local), target)
+
+    def write(self, name: str, data: bytes) -> None:
+        target = f"{self.path}/{name}"
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        self.fs.pipe_file(target, data)
+
+    def get(self, name: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        self.fs.get_file(f"{self.path}/{name}", str(local))
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(f"{self.path}/{name}")
+        except FileNotFoundError:
+            return None
+
+
+def save(url: str, step: int, engine: Any, ema_model: Any, ema_config: ModelConfig,
+         data_position: dict[str, Any], train_config: dict[str, Any], meta: dict[str, Any]) -> Checkpoint:
+    """Collective: every rank calls it. Returns the published checkpoint."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    folder = _Folder(url)
+    written: list[str] = []
+    with tempfile.TemporaryDirectory(prefix=f"enat-ckpt-{rank}-") as tmp:
+        engine.save_checkpoint(tmp, tag=DEEPSPEED_DIR, save_latest=False)
+        for path in sorted((Path(tmp) / DEEPSPEED_DIR).rglob("*")):
+            if path.is_file():
+                name = path.relative_to(tmp).as_posix()
+                folder.put(path, name)
+                written.append(name)
+    data_name = f"{DATA_DIR}/rank-{rank:05d}.json"
+    folder.write(data_name, json.dumps(data_position).encode())
+    written.append(data_name)
+    if rank == 0:
+        model_io.save_model(storage.join(url, EMA_DIR), ema_model, ema_config, extra={"step": step})
+        folder.write(CONFIG_NAME, json.dumps(train_config, indent=1).encode())
+        written += [f"{EMA_DIR}/{model_io.WEIGHTS_NAME}", f"{EMA_DIR}/{model_io.CONFIG_NAME}", CONFIG_NAME]
+    every: list[list[str]] = [[] for _ in range(world)]
+    dist.all_gather_object(every, written)  # also the barrier: every rank has uploaded
+    info = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "time": time.time(),
+            "files": sorted(f for files in every for f in files), **meta}
+    if rank == 0:
+        storage.write_bytes(storage.join(url, MARKER), json.dumps(info, indent=1).encode())
+    dist.barrier()  # nobody moves on (or reports the checkpoint) before it is published
+    return Checkpoint(url, step, info)
+
+
+def check_resumable(checkpoint: Checkpoint, world_size: int, zero_stage: int, model: dict[str, Any]) -> None:
+    """Fail with a clear message when this run cannot continue from `checkpoint`."""
+    meta = checkpoint.meta
+    if (meta["world_size"], meta["zero_stage"]) != (world_size, zero_stage):
+        raise CheckpointError(
+            f"{checkpoint.url} was written by {meta['world_size']} workers with ZeRO-{meta['zero_stage']}; "
+            f"resume with the same (num_workers={meta['world_size']} zero_stage={meta['zero_stage']}) "
+            f"or start a new run")
+    saved = meta["model"]
+    differ = sorted(k for k in set(saved) | set(model) if saved.get(k) != model.get(k))
+    if differ:
+        raise CheckpointError(f"{checkpoint.url} holds another model (differs in: {', '.join(differ)}); "
+                              f"resume with its model config or start a new run")
+
+
+def load(checkpoint: Checkpoint, engine: Any, ema: Any) -> dict[str, Any] | None:
+    """Collective: restore the engine and EMA; returns this rank's data position (or None)."""
+    rank = dist.get_rank()
+    own = f"zero_pp_rank_{rank}_"
+    needed = [f for f in checkpoint.meta["files"] if f.startswith(f"{DEEPSPEED_DIR}/")
+              and ("zero_pp_rank_" not in f or posixpath.basename(f).startswith(own))]
+    folder = _Folder(checkpoint.url)
+    with tempfile.TemporaryDirectory(prefix=f"enat-resume-{rank}-") as tmp:
+        for name in needed:
+            folder.get(name, Path(tmp) / name)
+        path, _ = engine.load_checkpoint(tmp, tag=DEEPSPEED_DIR, load_module_strict=True,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load the engine state from {checkpoint.url}")
+    ema.load_state_dict(load_safetensors(folder.read(f"{EMA_DIR}/{model_io.WEIGHTS_NAME}")))
+    data = folder.read(f"{DATA_DIR}/rank-{rank:05d}.json")
+    return json.loads(data) if data is not None else None

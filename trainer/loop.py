@@ -1,0 +1,399 @@
+"""The training loop: one loop for every launcher (Ray Train, torchrun, a single process).
+
+`train(config)` joins the process group the launcher made (or makes a one-process group),
+wraps the model in a DeepSpeed engine (ZeRO stage 0-3 from the config, torch's AdamW so
+nothing is compiled at run time), resumes from the run's latest complete checkpoint, and
+trains: masked-token loss, ENAT's reuse branch (with probability reuse_prob the EMA model
+encodes a synthetic previous step and the model trains on top of its features) or plain
+NAT training, gradient accumulation and clipping, an EMA of the weights, metrics to stdout
+and MLflow (rank 0), checkpoints to storage every N steps.
+
+Determinism: a step's randomness (mask ratio and positions, the reuse coin, dropout, the
+classifier-free-guidance label drop) comes from seeds derived from (seed, step, micro-step)
+and, where ranks may differ, the rank; the data stream position is saved. So a resumed run
+repeats the uninterrupted run's losses exactly in fp32.
+
+The CFG label drop (p_uncond) is applied here, once, to the condition that both the model
+and the EMA reuse pass see; the model is built with cond_dropout 0 so it cannot drop a
+second time, and the exported EMA config records cond_dropout = p_uncond.
+
+bf16 runs under torch.autocast (weights, gradients and optimizer state stay fp32), so every
+ZeRO stage behaves alike and precision=fp32 is exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from models import ReuseState, build_config, build_model, config_to_dict
+from models.config import ENATConfig, NATConfig
+from models.layers import drop_condition
+from models.masking import MaskingConfig, mask_tokens, masked_token_loss, previous_step_input
+from models.typed_config import ConfigError, check, from_dict, to_dict
+from pipelines import storage
+from pipelines.tracking import Tracker
+from trainer import checkpoint
+from trainer.data import Batch, DataConfig, StreamPosition, TokenStream, open_dataset
+from trainer.ema import EMA
+from trainer.metrics import Meter, matmul_peak, train_flops_per_sample
+
+TRAINABLE = {"enat": ENATConfig, "nat": NATConfig}
+
+
+@dataclass
+class TrainConfig:
+    run: str = "tiny-enat-demo"  # run name: everything goes under {root}/runs/<run>/
+    root: str = "s3://enat/demo"  # storage root (s3://bucket/prefix or a local folder)
+    model: dict[str, Any] = field(default_factory=dict)  # model preset mapping (kind: enat or nat)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    p_uncond: float | None = None  # CFG label drop; None keeps the model preset's cond_dropout
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 32  # per worker and micro-step: global batch = batch_size * grad_accum * workers
+    grad_accum: int = 1
+    lr: float = 4e-4
+    schedule: Literal["constant", "cosine"] = "constant"  # after a linear warmup
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # the cosine schedule's floor, as a share of lr
+    betas: tuple[float, float] = (0.99, 0.99)
+    weight_decay: float = 0.03
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it
+    zero_stage: int = 2
+    ema_decay: float = 0.9999
+    log_every: int = 10  # steps between metric lines (stdout and MLflow)
+    checkpoint_every: int = 500
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
+    resume: str = "auto"  # auto: the run's latest checkpoint; never; or a step-<n> folder URL
+    mlflow_experiment: str = "enat-train"
+    tracking: bool = True
+
+    def __post_init__(self) -> None:
+        check(bool(self.run) and "/" not in self.run, "run", "a non-empty name without '/'", self.run)
+        fields = dict(self.model)
+        kind = fields.pop("kind", None)
+        if kind not in TRAINABLE:
+            raise ConfigError(f"bad value for 'model.kind': expected enat or nat, got {kind!r}")
+        from_dict(TRAINABLE[kind], fields, prefix="model.")  # one-line errors naming model.<key>
+        if kind == "nat" and self.masking.reuse_prob > 0:
+            raise ConfigError("bad value for 'masking.reuse_prob': must be 0 for a NAT model "
+                              "(reuse training is ENAT's)")
+        check(self.p_uncond is None or 0 <= self.p_uncond <= 1, "p_uncond", "in [0, 1]", self.p_uncond)
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"):
+            check(getattr(self, key) >= 1, key, ">= 1", getattr(self, key))
+        check(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
+        check(self.lr > 0, "lr", "> 0", self.lr)
+        check(all(0 <= b < 1 for b in self.betas), "betas", "two values in [0, 1)", self.betas)
+        check(self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3", self.zero_stage)
+        check(0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)", self.ema_decay)
+        check(self.keep_last >= 1, "keep_last", ">= 1", self.keep_last)
+        check(self.grad_clip >= 0, "grad_clip", ">= 0", self.grad_clip)
+
+
+@dataclass
+class TrainResult:
+    step: int  # the last step trained
+    losses: dict[int, float]  # this rank's loss of every step this call trained
+    checkpoint: str | None  # the last checkpoint published
+    resumed_from: str | None
+    metrics: dict[str, float]  # the last logged metrics
+
+
+def derived_seed(*parts: Any) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    native = [getattr(torch.cpu, name, lambda: False) for name in
+              ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(f() for f in native)
+
+
+def _import_deepspeed() -> Any:
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        # The CPU backend JIT-builds a shared-memory op (used only by inference all-reduce)
+        # at init: 80-155 s of C++ compilation we do not need.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    return deepspeed
+
+
+def _init_distributed() -> None:
+    """Join the launcher's process group, or create a one-process one. The group lives as
+    long as the process: DeepSpeed caches groups, so it must not be destroyed and remade."""
+    deepspeed = _import_deepspeed()
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def lr_factor(config: TrainConfig) -> Callable[[int], float]:
+    """LambdaLR factor; optimizer step n (1-based) uses factor(n - 1)."""
+    def factor(index: int) -> float:
+        step = index + 1
+        if step <= config.warmup_steps:
+            return step / config.warmup_steps
+        if config.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        deepspeed = _import_deepspeed()
+        self.config = config
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            # Launchers that give each worker only its own GPU (Ray) leave one device visible.
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            self.device = torch.device("cuda", local if local < torch.cuda.device_count() else 0)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        model_config = build_config(config.model)
+        self.model_dict = config_to_dict(model_config)
+        self.kind = self.model_dict["kind"]
+        self.p_uncond = model_config.cond_dropout if config.p_uncond is None else config.p_uncond
+        self.export_config = replace(model_config, cond_dropout=self.p_uncond)
+        self.dataset = open_dataset(config.data, model_config)
+        bf16 = config.precision == "bf16" or (config.precision == "auto" and bf16_supported(self.device))
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+
+        torch.manual_seed(config.seed)
+        model = build_model(replace(model_config, cond_dropout=0.0)).to(self.device)
+        self.seq_len, self.mask_id = model_config.seq_len, model_config.mask_id
+        self.null_class, self.width = model_config.null_class, model_config.width
+        self.flops_per_sample = train_flops_per_sample(model, config.masking, self.kind == "enat",
+                                                       self.autocast, self.device)
+        self.peak = matmul_peak(self.device, self.dtype)
+        self.ema = EMA(model, config.ema_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas),
+                                      weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": config.batch_size,
+            "gradient_accumulation_steps": config.grad_accum,
+            "train_batch_size": config.batch_size * config.grad_accum * self.world,
+            "gradient_clipping": config.grad_clip,
+            "zero_optimization": {"stage": config.zero_stage},
+            "steps_per_print": 2**31 - 1,
+        }
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config, dist_init_required=False)
+        self.tracker: Tracker | None = None
+        self.stream: TokenStream | None = None
+        self.last_checkpoint: str | None = None
+        self.metrics: dict[str, float] = {}
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # -- start: resume, tracking ---------------------------------------------------------
+
+    def _resume_target(self) -> checkpoint.Checkpoint | None:
+        """Rank 0 decides (and cleans up crash leftovers); everyone gets the same answer."""
+        config, found = self.config, [None]
+        if self.rank == 0:
+            removed = checkpoint.clean_partial(config.root, config.run)
+            if removed:
+                print(f"removed {len(removed)} incomplete checkpoint folder(s): {', '.join(removed)}")
+            try:
+                found = [checkpoint.resume_target(config.root, config.run, config.resume)]
+            except checkpoint.CheckpointError as err:
+                found = [err]
+        dist.broadcast_object_list(found, src=0)
+        if isinstance(found[0], Exception):
+            raise found[0]
+        return found[0]
+
+    def _start_tracking(self) -> None:
+        config = self.config
+        tracking_url = storage.join(checkpoint.run_url(config.root, config.run), "tracking.json")
+        run_id = json.loads(storage.read_bytes(tracking_url))["mlflow_run_id"] \
+            if config.tracking and storage.exists(tracking_url) else None
+        tags = {"enat.run": config.run, "enat.root": config.root, "enat.model": self.kind}
+        self.tracker = Tracker(config.mlflow_experiment, config.run, run_id=run_id, enabled=config.tracking,
+                               tags=tags)
+        if self.tracker.active and run_id is None:
+            self.tracker.log_params(to_dict(config))
+            storage.write_bytes(tracking_url, json.dumps({"mlflow_run_id": self.tracker.run_id}).encode())
+
+    # -- one step ------------------------------------------------------------------------
+
+    def _micro_step(self, batch: Batch, step: int, micro: int) -> tuple[torch.Tensor, float | None]:
+        config, enat = self.config, self.kind == "enat"
+        # ENAT's graph depends on how many tokens are masked and re-masked (visible and
+        # masked tokens are packed densely), and ZeRO reduces gradients in the order they
+        # become ready: every rank must build the same graph, so ENAT's masking randomness
+        # (ratio, positions, reuse share and coin) is shared by all ranks. The data differ.
+        generator = torch.Generator().manual_seed(
+            derived_seed("mask", config.seed, step, micro, None if enat else self.rank))
+        torch.manual_seed(derived_seed("dropout", config.seed, step, micro, self.rank))  # + label drop
+        cond = drop_condition(batch.cond, self.p_uncond, self.null_class) if self.p_uncond > 0 else batch.cond
+        masked, mask = mask_tokens(batch.ids, self.mask_id, config.masking, generator,
+                                   one_ratio_per_batch=enat)
+        with self.autocast():
+            if enat:
+                # Every parameter must take part in every step: ZeRO-3 applies a parameter's
+                # last (stale) gradient again in a step that gave it none.
+                prev_ids = None
+                if float(torch.rand(1, generator=generator)) < config.masking.reuse_prob:
+                    prev_ids = previous_step_input(masked, mask, self.mask_id, generator)
+                    # Re-masking nothing would leave the encoder idle (no token is new), a
+                    # step generation never takes: train such a step without reuse.
+                    prev_ids = None if torch.equal(prev_ids, masked) else prev_ids
+                if prev_ids is not None:
+                    with torch.no_grad():
+                        prev = self.ema.model(prev_ids, cond)
+                else:
+                    # A previous step that saw nothing: the same numbers as no reuse, but the
+                    # reuse path's parameters take part (with zero gradients).
+                    prev = ReuseState(torch.zeros(*mask.shape, self.width, device=self.device),
+                                      torch.ones_like(mask))
+                logits = self.engine(masked, cond, prev).logits
+            else:
+                logits = self.engine(masked, cond)
+            loss = masked_token_loss(logits, batch.ids, mask, config.masking.label_smoothing)
+        self.engine.backward(loss)
+        grad_norm = None
+        if config.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            norms = [torch.linalg.vector_norm(p.grad) for p in self.engine.module.parameters()
+                     if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(norms)))
+        self.engine.step()
+        return loss.detach(), grad_norm
+
+    # -- logging and checkpoints ---------------------------------------------------------
+
+    def _log(self, step: int, meter: Meter, grad_norm: float | None) -> None:
+        stats = self.stream.stats()
+        totals = torch.tensor([meter.loss_sum, meter.loss_count, stats.corrupt_shards,
+                               stats.corrupt_samples, stats.missing_shards], dtype=torch.float64)
+        dist.all_reduce(totals)
+        metrics = {"loss": float(totals[0] / totals[1]), "lr": self.engine.get_lr()[0],
+                   "grad_norm": float(grad_norm if grad_norm is not None else float("nan")),
+                   **meter.rates(self.seq_len, self.flops_per_sample, self.peak, self.world),
+                   "data_corrupt_shards": float(totals[2]), "data_corrupt_samples": float(totals[3]),
+                   "data_missing_shards": float(totals[4])}
+        self.metrics = metrics
+        if self.rank == 0:
+            print(f"step {step}/{self.config.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                  f"grad_norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f} "
+                  f"mfu {100 * metrics['mfu']:.2f}% data_wait {100 * metrics['data_wait_frac']:.1f}%",
+                  flush=True)
+            self.tracker.log_metrics(metrics, step)
+
+    def _checkpoint(self, step: int, on_checkpoint: Callable[[int, str, dict], None] | None) -> None:
+        config = self.config
+        url = checkpoint.step_url(config.root, config.run, step)
+        saved = checkpoint.save(url, step, self.engine, self.ema.model, self.export_config,
+                                self.stream.position().to_dict(), to_dict(config),
+                                meta={"zero_stage": config.zero_stage, "model": self.model_dict,
+                                      "run": config.run})
+        self.last_checkpoint = saved.url
+        if self.rank == 0:
+            removed = checkpoint.prune(config.root, config.run, config.keep_last)
+            self.tracker.set_tags({"checkpoint.latest": saved.url, f"checkpoint.step_{step}": saved.url,
+                                   "ema.latest": saved.ema_url})
+            print(f"checkpoint step {step}: {saved.url}"
+                  + (f" (removed {len(removed)} older)" if removed else ""), flush=True)
+        if on_checkpoint is not None:
+            on_checkpoint(step, saved.url, dict(self.metrics))
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self, until_step: int | None,
+            on_checkpoint: Callable[[int, str, dict], None] | None) -> TrainResult:
+        config = self.config
+        target = self._resume_target()
+        start, position = 0, None
+        if target is not None:
+            checkpoint.check_resumable(target, self.world, config.zero_stage, self.model_dict)
+            data = checkpoint.load(target, self.engine, self.ema)
+            start, position = target.step, StreamPosition.from_dict(data) if data else None
+            if self.rank == 0:
+                print(f"resumed from {target.url} (step {start})", flush=True)
+        if self.rank == 0:
+            self._start_tracking()
+            if target is not None:
+                self.tracker.set_tags({"enat.resumed_from": target.url})
+        self.stream = TokenStream(self.dataset, config.data, config.batch_size, config.seed,
+                                  self.rank, self.world, position)
+        last = min(config.steps, until_step or config.steps)
+        losses: dict[int, float] = {}
+        meter, grad_norm, step = Meter(), None, start
+        self.engine.module.train()
+        try:
+            while step < last:
+                step += 1
+                step_losses = []
+                for micro in range(config.grad_accum):
+                    waited = time.perf_counter()
+                    batch = next(self.stream).to(self.device)
+                    meter.data_wait += time.perf_counter() - waited
+                    loss, norm = self._micro_step(batch, step, micro)
+                    step_losses.append(float(loss))
+                    grad_norm = norm if norm is not None else grad_norm
+                if config.zero_stage > 0:
+                    grad_norm = float(self.engine.get_global_grad_norm())
+                self.ema.update(self.engine.module)
+                losses[step] = sum(step_losses) / len(step_losses)
+                meter.steps += 1
+                meter.samples += config.batch_size * config.grad_accum * self.world
+                meter.loss_sum += losses[step]
+                meter.loss_count += 1
+                if step % config.log_every == 0 or step == last:
+                    self._log(step, meter, grad_norm)
+                    meter = Meter()
+                if step % config.checkpoint_every == 0 or step == last:
+                    paused = time.perf_counter()
+                    self._checkpoint(step, on_checkpoint)
+                    meter.started += time.perf_counter() - paused  # rates count training only
+            if self.rank == 0 and step == config.steps:
+                self.tracker.finish("FINISHED")
+        except BaseException:
+            if self.rank == 0 and self.tracker is not None:
+                self.tracker.finish("FAILED")
+            raise
+        finally:
+            self.stream.close()
+        return TrainResult(step, losses, self.last_checkpoint, target.url if target else None, self.metrics)
+
+
+def train(config: TrainConfig, until_step: int | None = None,
+          on_checkpoint: Callable[[int, str, dict], None] | None = None) -> TrainResult:
+    """Train (or continue) the run `config.run`; collective over the launcher's processes.
+
+    `until_step` stops early after that step (a checkpoint is written there), as a
+    preemption would; `on_checkpoint(step, url, metrics)` runs on every rank after each
+    checkpoint is published (the Ray launcher reports to Ray Train from it)."""
+    _init_distributed()
+    return Trainer(config).run(until_step, on_checkpoint)
