@@ -23,6 +23,8 @@ COMMAND_MODULES = [
     "cluster.train_cmd",
     "cluster.submit",
     "cluster.pretokenize_cmd",
+    "cluster.eval_cmd",
+    "cluster.search_cmd",
 ]
 
 

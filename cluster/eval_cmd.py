@@ -1,0 +1,195 @@
+"""Evaluation subcommands: `enat sample`, `enat fid-stats` and the `enat eval` group.
+
+- `enat sample <checkpoint> [key=value ...]`: PNGs, an ADM-format npz and a grid.
+- `enat fid-stats --images SET --out stats.npz [extractor=...]`: reference statistics.
+- `enat eval checkpoint <checkpoint> reference=... [extractor=...]`: metrics, logged to
+  MLflow (metrics, grid, strategy YAML, extractor id, sample count, seed, FLOPs, images/s).
+- `enat eval train-features --data TREE --out DIR`: the domain feature extractor.
+- `enat eval floor --images SET extractor=DIR`: FID between two disjoint halves of a
+  real set, the floor any generator's FID is read against.
+
+FID, KID and IS are logged under `<metric>/<extractor id>` (e.g. `fid/domain-3f2a...`), so
+MLflow never draws values from different extractors on one chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.command import Command
+from cluster.config import load_config
+from models.typed_config import check, to_dict
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+EXTRACTOR_METRICS = ("fid", "kid", "kid_std", "is", "is_std")
+PLAIN_METRICS = ("gflops_per_image", "gflops_per_image_with_decoder", "images_per_s")
+
+
+def log_evaluation(tracker: Any, result: dict, config: dict | None = None) -> None:
+    """Log one evaluate_checkpoint result to an MLflow run (pipelines.tracking.Tracker)."""
+    from pipelines import storage
+
+    extractor_id = result["extractor_id"]
+    tracker.log_params({**(config or {}), "extractor_id": extractor_id, "num_samples": result["num_samples"],
+                        "seed": result["seed"], "steps": result["steps"], "strategy_name": result["strategy"],
+                        "model_id": result["model_id"], "tokenizer_id": result["tokenizer_id"]})
+    metrics = {f"{key}/{extractor_id}": result[key] for key in EXTRACTOR_METRICS if key in result}
+    metrics.update({key: result[key] for key in PLAIN_METRICS if key in result})
+    tracker.log_metrics(metrics, step=result.get("step") or 0)
+    tracker.set_tags({"extractor_id": extractor_id})
+    tracker.log_text(result["strategy_yaml"], "strategy.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = Path(tmp) / "grid.png"
+        grid.write_bytes(storage.read_bytes(result["grid"]))
+        tracker.log_artifact(grid)
+
+
+def _clear_errors(run: Any) -> Any:
+    """Known bad-input errors become one line on stderr and exit code 2 (not a traceback)."""
+
+    def wrapped(config: Any, args: argparse.Namespace) -> int | None:
+        from evaluation.image_sets import ImageSetError
+        from evaluation.metrics import ExtractorMismatch, MissingWeights
+        from evaluation.sampling import SamplingError
+        from evaluation.strategy_io import StrategyError
+        from pipelines.sources import SourceError
+
+        try:
+            return run(config, args)
+        except (ImageSetError, ExtractorMismatch, MissingWeights, SamplingError, StrategyError, SourceError,
+                FileNotFoundError) as err:
+            print(f"enat: error: {err}", file=sys.stderr)
+            return 2
+
+    return wrapped
+
+
+def _with_checkpoint(help_text: str, config_cls: type, run: Any) -> Command:
+    """A command taking the checkpoint as its first positional argument, then overrides."""
+
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
+                            help="runs/<run>/checkpoints/step-<n> folder (or its ema/ export)")
+        parser.add_argument("--config", metavar="PRESET_OR_PATH", help="YAML preset name (configs/) or path")
+        parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    def start(_config: Any, args: argparse.Namespace) -> int | None:
+        overrides, flags = list(args.overrides), {}
+        if args.checkpoint and OVERRIDE.match(args.checkpoint):
+            overrides.insert(0, args.checkpoint)
+        elif args.checkpoint:
+            flags["checkpoint"] = args.checkpoint
+        return run(load_config(config_cls, args.config, overrides, flags=flags), args)
+
+    return Command(help_text, None, _clear_errors(start), add_arguments=arguments)
+
+
+def _sample(config: Any, _args: argparse.Namespace) -> int:
+    from evaluation.sampling import run_sample
+
+    summary = run_sample(config)
+    rate = summary["images_per_s"]
+    print(f"{summary['num_samples']} samples ({summary['generated']} generated, "
+          f"{summary['resumed']} resumed) from {summary['model_id']} with {summary['strategy']} "
+          f"({summary['steps']} steps), seed {summary['seed']}" + (f", {rate:.2f} images/s" if rate else ""))
+    print(f"  -> {summary['out']} (images/, samples.npz, grid.png, strategy.yaml, sample.json)")
+    return 0
+
+
+def _fid_stats(config: Any, _args: argparse.Namespace) -> int:
+    from evaluation.metrics import compute_fid_stats
+
+    stats = compute_fid_stats(config)
+    print(f"statistics of {stats.num_images} images at {stats.resolution}px, extractor {stats.extractor_id}"
+          f"{', features kept' if stats.features is not None else ''} -> {config.out}")
+    return 0
+
+
+def _eval_checkpoint(config: Any, _args: argparse.Namespace) -> int:
+    from evaluation.evaluate import evaluate
+    from pipelines.tracking import Tracker
+
+    result = evaluate(config)
+    parts = result["checkpoint"].rstrip("/").split("/")  # .../runs/<run>/checkpoints/step-<n>/ema
+    where = f"{parts[-4]}-{parts[-2]}" if len(parts) >= 4 and parts[-1] == "ema" else parts[-1]
+    name = config.run_name or f"{where}-{result['strategy']}"
+    tracker = Tracker(config.mlflow_experiment, name, enabled=config.tracking)
+    log_evaluation(tracker, result, to_dict(config))
+    tracker.finish()
+    shown = "  ".join(f"{key} {result[key]:.4g}" for key in EXTRACTOR_METRICS if key in result)
+    print(f"{shown}  [extractor {result['extractor_id']}, {result['num_samples']} samples, "
+          f"seed {result['seed']}, {result['steps']} steps]")
+    print(f"GFLOPs/image {result['gflops_per_image']:.4g} "
+          f"({result['gflops_per_image_with_decoder']:.4g} with the decoder), "
+          f"{result['images_per_s']:.3g} images/s; grid {result['grid']}")
+    return 0
+
+
+def _train_features(config: Any, _args: argparse.Namespace) -> int:
+    from evaluation.features import train_domain_extractor
+
+    meta = train_domain_extractor(config)
+    print(f"domain extractor {meta['id']}: held-out accuracy {meta['holdout_accuracy']:.3f} on "
+          f"{meta['holdout_images']} images ({len(meta['classes'])} classes), trained on "
+          f"{meta['train_images']} in {meta['train_seconds']:.0f} s -> {config.out}")
+    return 0
+
+
+@dataclass
+class FloorConfig:
+    images: str = ""  # a real image set (see evaluation/image_sets.py)
+    extractor: str = "inception"
+    resolution: int = 32
+    limit: int = 0
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check(bool(self.images), "images", "a real image set", self.images)
+
+
+def _floor(config: FloorConfig, _args: argparse.Namespace) -> int:
+    from evaluation.image_sets import ImageSet, read_all
+    from evaluation.metrics import load_extractor, real_floor
+
+    images, _ = read_all(ImageSet(config.images, config.resolution, limit=config.limit))
+    result = real_floor(images, load_extractor(config.extractor, config.device), config.seed)
+    shown = "  ".join(f"{key} {result[key]:.4g}" for key in EXTRACTOR_METRICS if key in result)
+    print(f"real vs real ({result['num_samples']} vs {result['reference_images']} images): {shown}  "
+          f"[extractor {result['extractor_id']}]")
+    return 0
+
+
+def commands() -> dict[str, dict[str, Command]]:
+    from evaluation.evaluate import EvalConfig
+    from evaluation.features import FeatureTrainConfig
+    from evaluation.metrics import FidStatsConfig
+    from evaluation.sampling import SampleConfig
+
+    return {
+        "": {
+            "sample": _with_checkpoint("sample images from a checkpoint's EMA weights (PNGs, npz, grid)",
+                                       SampleConfig, _sample),
+            "fid-stats": Command("compute reference FID statistics (npz with mu, sigma, extractor id)",
+                                 FidStatsConfig, _clear_errors(_fid_stats),
+                                 {"--images": "images", "--out": "out"}),
+        },
+        "eval": {
+            "checkpoint": _with_checkpoint("FID/KID/IS, FLOPs and speed of a checkpoint, logged to MLflow",
+                                           EvalConfig, _eval_checkpoint),
+            "train-features": Command("train the domain feature extractor on a class-folder tree",
+                                      FeatureTrainConfig, _clear_errors(_train_features),
+                                      {"--data": "data", "--out": "out"}),
+            "floor": Command("FID between two disjoint halves of a real image set", FloorConfig,
+                             _clear_errors(_floor), {"--images": "images"}),
+        },
+    }
+
+
+GROUP_HELP = {"eval": "evaluation: checkpoint metrics, the domain feature extractor, the real-data floor"}

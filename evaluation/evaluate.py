@@ -1,0 +1,168 @@
+"""Evaluate one checkpoint: sample with a strategy, measure FID/KID/IS against a reference,
+count FLOPs per image, time the sampling. What `enat eval checkpoint` and the eval
+dispatcher call.
+
+Samples stream: each batch is generated, decoded and passed through the feature extractor,
+and only the images of the grid are kept, so 50k samples need no more memory than one
+batch. The reference is processed first, so a bad reference or an extractor mismatch fails
+before any sampling.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from evaluation.metrics import (
+    ReferenceStats,
+    extract_features,
+    load_extractor,
+    metrics_from_features,
+    reference_stats,
+)
+from evaluation.sampling import (
+    GridCollector,
+    iter_samples,
+    load_sampler,
+    make_conditions,
+    png_bytes,
+)
+from evaluation.strategy_io import describe_strategy, load_strategy, save_strategy
+from models.flops import generation_flops
+from models.strategy import Strategy
+from models.typed_config import check
+from pipelines import storage
+from pipelines.model_io import CONFIG_NAME
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = ""  # runs/<run>/checkpoints/step-<n> (or its ema/ export)
+    reference: str = ""  # stats npz (mu, sigma), an image set or token shards (evaluation/image_sets.py)
+    extractor: str = "inception"  # inception, inception:<weights file>, or a domain extractor URL
+    tokenizer: str = ""  # "" = the one recorded with the checkpoint's data
+    strategy: str = "default"
+    steps: int = 0  # 0: the strategy file's own count (8 for "default")
+    num_samples: int = 1000
+    batch_size: int = 50
+    seed: int = 0
+    captions: str = ""
+    out: str = ""  # where grid.png, strategy.yaml and metrics.json go ("" = a temporary folder)
+    device: str = "auto"
+    precision: str = "auto"
+    reuse: bool = True
+    kid: bool = True
+    isc: bool = True
+    mlflow_experiment: str = "enat-eval"
+    run_name: str = ""  # MLflow run name ("" = <checkpoint folder>-<strategy>)
+    tracking: bool = True
+
+    def __post_init__(self) -> None:
+        check(bool(self.checkpoint), "checkpoint", "a checkpoint folder or ema/ export URL", self.checkpoint)
+        check(bool(self.reference), "reference", "a stats npz, image set or token shards URL", self.reference)
+        check(self.num_samples >= 2, "num_samples", ">= 2 (FID needs a covariance)", self.num_samples)
+        check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        check(self.steps >= 0, "steps", ">= 0 (0 = the strategy's own)", self.steps)
+        check(self.precision in ("auto", "bf16", "fp32"), "precision", "auto, bf16 or fp32", self.precision)
+
+
+def _timed(batches: Iterator, grid: GridCollector, clock: dict) -> Iterator[Tensor]:
+    """The batches' images, feeding the grid; clock["seconds"] sums the generation time only."""
+    while True:
+        began = time.perf_counter()
+        batch = next(batches, None)
+        clock["seconds"] += time.perf_counter() - began
+        if batch is None:
+            return
+        grid.add(batch.images, batch.conditions.labels)
+        yield batch.images
+
+
+def flops_per_image(model: nn.Module, tokenizer: nn.Module, strategy: Strategy,
+                    reuse: bool) -> tuple[int, int]:
+    """(transformer FLOPs, FLOPs including the VQ decoder) of one image, counted on the CPU:
+    models.flops builds its example condition there."""
+    if next(model.parameters()).device.type != "cpu":
+        model, tokenizer = copy.deepcopy(model).cpu(), copy.deepcopy(tokenizer).cpu()
+    return (generation_flops(model, strategy, reuse=reuse),
+            generation_flops(model, strategy, decoder=tokenizer, reuse=reuse))
+
+
+class CheckpointEvaluator:
+    """A checkpoint, its tokenizer, an extractor and the reference statistics, loaded once;
+    call it with a strategy for metrics (a strategy search calls it many times)."""
+
+    def __init__(self, checkpoint_url: str, tokenizer_url: str = "", reference: str | ReferenceStats = "",
+                 extractor: str = "inception", *, batch_size: int = 50, captions: str = "",
+                 device: str = "auto", precision: str = "auto", reuse: bool = True):
+        self.sampler = load_sampler(checkpoint_url, tokenizer_url, device, precision, reuse)
+        self.extractor = load_extractor(extractor, device)
+        self.reference = reference if isinstance(reference, str) else f"{reference.num_images} images' stats"
+        self.batch_size, self.captions = batch_size, captions
+        self.stats = reference_stats(reference, self.extractor, self.sampler.resolution,
+                                     batch_size=batch_size)
+        meta = json.loads(storage.read_bytes(storage.join(self.sampler.checkpoint_url, CONFIG_NAME)))
+        self.step = meta.get("step")
+
+    def __call__(self, strategy: Strategy, num_samples: int, seed: int, *, label: str = "", out: str = "",
+                 kid: bool = True, isc: bool = True, flops: bool = True, progress: bool = True) -> dict:
+        sampler = self.sampler
+        conditions = make_conditions(sampler, num_samples, self.captions)
+        grid, clock = GridCollector(), {"seconds": 0.0}
+        batches = iter_samples(sampler, strategy, conditions, self.batch_size, seed, progress)
+        generated = extract_features(self.extractor, _timed(batches, grid, clock), self.batch_size)
+        result = metrics_from_features(generated, self.stats, self.extractor, kid, isc, seed)
+        if flops:
+            transformer, decoded = flops_per_image(sampler.model, sampler.tokenizer, strategy, sampler.reuse)
+            result.update(gflops_per_image=transformer / 1e9, gflops_per_image_with_decoder=decoded / 1e9)
+        out = out or tempfile.mkdtemp(prefix="enat-eval-")
+        result.update({
+            "seed": seed, "steps": strategy.steps, "strategy": label or f"custom-{strategy.steps}",
+            "strategy_yaml": strategy.to_yaml(), "images_per_s": num_samples / clock["seconds"],
+            "step": self.step, "model_id": sampler.model_id, "tokenizer_id": sampler.tokenizer_id,
+            "checkpoint": sampler.checkpoint_url, "reference": self.reference,
+            "grid": storage.join(out, "grid.png"), "out": out,
+        })
+        storage.write_bytes(result["grid"], png_bytes(grid.image()))
+        save_strategy(storage.join(out, "strategy.yaml"), strategy)
+        storage.write_bytes(storage.join(out, "metrics.json"), json.dumps(result, indent=1).encode())
+        return result
+
+
+def evaluate_checkpoint(checkpoint_url: str, tokenizer_url: str = "", strategy: Strategy | str = "default",
+                        num_samples: int = 1000, seed: int = 0, reference: str | ReferenceStats = "",
+                        extractor: str = "inception", *, steps: int | None = None, batch_size: int = 50,
+                        out: str = "", captions: str = "", device: str = "auto", precision: str = "auto",
+                        reuse: bool = True, kid: bool = True, isc: bool = True,
+                        progress: bool = True) -> dict:
+    """Metrics of `num_samples` images from the checkpoint's EMA weights.
+
+    `strategy` is a Strategy, "default" (with `steps`) or a YAML path/URL. Returns fid,
+    kid/kid_std (when the reference has features), is/is_std (when the extractor has class
+    logits), extractor_id, num_samples, reference_images, seed, steps, strategy (a label),
+    strategy_yaml, gflops_per_image (transformer only), gflops_per_image_with_decoder,
+    images_per_s (generation + decoding), step (the checkpoint's, when recorded),
+    model_id, tokenizer_id, checkpoint, reference, grid (URL of the PNG) and out.
+    """
+    label = ""
+    if isinstance(strategy, str):
+        spec, strategy = strategy, load_strategy(strategy, steps)
+        label = describe_strategy(spec, strategy)
+    evaluator = CheckpointEvaluator(checkpoint_url, tokenizer_url, reference, extractor,
+                                    batch_size=batch_size, captions=captions, device=device,
+                                    precision=precision, reuse=reuse)
+    return evaluator(strategy, num_samples, seed, label=label, out=out, kid=kid, isc=isc, progress=progress)
+
+
+def evaluate(config: EvalConfig, progress: bool = True) -> dict:
+    return evaluate_checkpoint(config.checkpoint, config.tokenizer, config.strategy, config.num_samples,
+                               config.seed, config.reference, config.extractor, steps=config.steps or None,
+                               batch_size=config.batch_size, out=config.out, captions=config.captions,
+                               device=config.device, precision=config.precision, reuse=config.reuse,
+                               kid=config.kid, isc=config.isc, progress=progress)
