@@ -20,6 +20,7 @@ from models.typed_config import ConfigError
 # holds top-level commands) and may describe its groups in GROUP_HELP.
 COMMAND_MODULES = [
     "cluster.basic_commands",
+    "cluster.tokenizer_cmd",
     "cluster.train_cmd",
     "cluster.submit",
     "cluster.pretokenize_cmd",
@@ -28,15 +29,31 @@ COMMAND_MODULES = [
 ]
 
 
-def all_commands() -> tuple[dict[str, dict[str, Command]], dict[str, str]]:
+def all_commands() -> tuple[dict[str, dict[str, Command]], dict[str, str], dict[str, str]]:
+    """(groups, group help texts, group default subcommands)."""
     groups: dict[str, dict[str, Command]] = {}
     helps: dict[str, str] = {}
+    defaults: dict[str, str] = {}
     for name in COMMAND_MODULES:
         module = importlib.import_module(name)
         for group, members in module.commands().items():
             groups.setdefault(group, {}).update(members)
         helps.update(getattr(module, "GROUP_HELP", {}))
-    return groups, helps
+        defaults.update(getattr(module, "GROUP_DEFAULT", {}))
+    return groups, helps, defaults
+
+
+def with_default_subcommand(argv: list[str], groups: dict, defaults: dict[str, str]) -> list[str]:
+    """`enat eval URL` means `enat eval checkpoint URL`: a group may name the subcommand
+    its first non-option argument goes to when that argument is not a subcommand."""
+    index = 0
+    while index < len(argv) and argv[index].startswith("-"):  # global options
+        index += 1 if "=" in argv[index] or argv[index] in ("-h", "--help") else 2
+    word = argv[index] if index < len(argv) else ""
+    following = argv[index + 1] if index + 1 < len(argv) else ""
+    if word in defaults and following and not following.startswith("-") and following not in groups[word]:
+        return [*argv[: index + 1], defaults[word], *argv[index + 1 :]]
+    return argv
 
 
 def _add_command(sub: argparse._SubParsersAction, name: str, command: Command) -> None:
@@ -63,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir", default=os.environ.get("ENAT_STATE_DIR", ".enat"),
                         help="where embedded services keep data and credentials (default .enat)")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    groups, group_help = all_commands()
+    groups, group_help, _ = all_commands()
     for group, members in groups.items():
         if group == "":
             for name, command in members.items():
@@ -78,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    groups, _, defaults = all_commands()
+    argv = with_default_subcommand(list(sys.argv[1:] if argv is None else argv), groups, defaults)
     # Overrides may come after options (`search CKPT --steps 4 seed=1`): argparse leaves
     # those as unknown arguments, so collect them here.
     args, unknown = parser.parse_known_args(argv)

@@ -193,3 +193,4 @@ def commands() -> dict[str, dict[str, Command]]:
 
 
 GROUP_HELP = {"eval": "evaluation: checkpoint metrics, the domain feature extractor, the real-data floor"}
+GROUP_DEFAULT = {"eval": "checkpoint"}  # `enat eval <checkpoint>`

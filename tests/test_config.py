@@ -83,3 +83,14 @@ def test_cli_help_lists_every_command_with_one_line():
     assert result.returncode == 0
     for command in ("demo", "services", "data"):
         assert any(line.strip().startswith(command) for line in result.stdout.splitlines())
+
+
+def test_eval_group_takes_a_checkpoint_directly():
+    from cluster.cli import all_commands, with_default_subcommand
+
+    groups, _, defaults = all_commands()
+    assert with_default_subcommand(["eval", "s3://b/ck", "x=1"], groups, defaults) == [
+        "eval", "checkpoint", "s3://b/ck", "x=1"]
+    assert with_default_subcommand(["--state-dir", "s", "eval", "u"], groups, defaults) == [
+        "--state-dir", "s", "eval", "checkpoint", "u"]
+    assert with_default_subcommand(["eval", "floor", "x=1"], groups, defaults) == ["eval", "floor", "x=1"]
