@@ -20,6 +20,7 @@ from models.typed_config import ConfigError
 # holds top-level commands) and may describe its groups in GROUP_HELP.
 COMMAND_MODULES = [
     "cluster.basic_commands",
+    "cluster.tokenizer_cmd",
     "cluster.train_cmd",
     "cluster.submit",
     "cluster.pretokenize_cmd",

@@ -1,0 +1,56 @@
+"""`enat tokenizer train`: train the VQGAN tokenizer on an image folder (local or s3://).
+
+The model preset is resolved here, in the CLI layer that owns configs/, and handed to the
+trainer as a typed VQGANConfig; the trainer checks it against the job config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cluster.command import Command
+from cluster.config import preset_path, read_yaml
+from models import VQGANConfig, build_config
+from models.typed_config import ConfigError
+from pipelines.storage import StorageError
+from trainer.tokenizer_train import TokenizerTrainConfig, TrainResult, check_model, train_tokenizer
+
+
+def resolve_model(config: TokenizerTrainConfig) -> VQGANConfig:
+    """The `model` preset (configs/ name or YAML path) as a validated VQGANConfig."""
+    try:
+        model_config = build_config(read_yaml(preset_path(config.model)))
+    except ConfigError as err:
+        raise ConfigError(f"bad value for 'model': {err}") from None
+    return check_model(config, model_config)
+
+
+def run_tokenizer_training(config: TokenizerTrainConfig, progress: bool = True) -> TrainResult:
+    return train_tokenizer(config, resolve_model(config), progress=progress)
+
+
+def _train(config: TokenizerTrainConfig, _args: argparse.Namespace) -> int:
+    try:
+        result = run_tokenizer_training(config)
+    except StorageError as err:
+        print(f"enat: error: {err}", file=sys.stderr)
+        return 1
+    figures = result.evaluation
+    resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
+    print(f"tokenizer {config.run}: step {result.step}{resumed}, held-out PSNR {figures.psnr:.2f} dB, "
+          f"codebook usage {figures.codebook_usage:.0%}, perplexity {figures.perplexity:.1f}, "
+          f"{result.seconds:.0f} s")
+    print(f"  export: {result.export_url}")
+    if result.grid_url:
+        print(f"  reconstructions: {result.grid_url}")
+    return 0
+
+
+def commands() -> dict[str, dict[str, Command]]:
+    return {"tokenizer": {"train": Command(
+        "train the VQGAN tokenizer on an image folder (checkpoints, resume, export, MLflow)",
+        TokenizerTrainConfig, _train, {"--source": "source", "--root": "root", "--run": "run"})}}
+
+
+GROUP_HELP = {"tokenizer": "VQ tokenizer: train"}
