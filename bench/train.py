@@ -80,9 +80,9 @@ def plain_step_time(data: str, args: argparse.Namespace) -> float:
     import torch
 
     from models import build_config, build_model
+    from models.device import bf16_supported
     from models.masking import MaskingConfig, mask_tokens, masked_token_loss
     from trainer.data import DataConfig, TokenStream, open_dataset
-    from trainer.loop import bf16_supported
 
     torch.set_num_threads(1)
     config = build_config(model_preset())
@@ -161,7 +161,7 @@ def main() -> int:
 def _bf16() -> bool:
     import torch
 
-    from trainer.loop import bf16_supported
+    from models.device import bf16_supported
 
     return bf16_supported(torch.device("cpu"))
 

@@ -29,6 +29,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from tqdm import tqdm
 
 from evaluation.image_sets import ImageSet, ImageSetError, read_all
+from models.device import pick_device
 from models.typed_config import check
 from pipelines import storage
 from pipelines.sources import SOURCE_KINDS
@@ -161,10 +162,6 @@ class FeatureTrainConfig:
         check(self.epochs >= 1, "epochs", ">= 1", self.epochs)
         check(self.batch_size >= 2, "batch_size", ">= 2 (batch norm)", self.batch_size)
         check(0.0 <= self.holdout < 0.5, "holdout", "in [0, 0.5)", self.holdout)
-
-
-def pick_device(choice: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice)
 
 
 def stratified_split(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

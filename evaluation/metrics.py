@@ -39,6 +39,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from evaluation import features as domain
 from evaluation.image_sets import ImageSet
+from models.device import pick_device
 from pipelines import storage
 
 INCEPTION = "inception-v3-compat"
@@ -102,7 +103,7 @@ def _sha256(path: str) -> str:
 def load_extractor(spec: str = "inception", device: str | torch.device = "auto",
                    download: bool = True) -> Extractor:
     """`inception`, `inception:<weights file>`, `domain:<url>` or a domain extractor URL."""
-    device = domain.pick_device(device) if isinstance(device, str) else device
+    device = pick_device(device) if isinstance(device, str) else device
     kind, _, rest = spec.partition(":")
     if kind in ("inception", INCEPTION):
         weights = inception_weights(rest, download)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from evaluation.image_sets import decode_to_uint8
+from models.device import bf16_supported, pick_device
 from models.generate import generate
 from models.strategy import Strategy
 from pipelines import shards, storage
@@ -65,21 +66,13 @@ class Sampler:
         return self.tokenizer.config.image_size
 
 
-def pick_device(choice: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice)
-
-
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """bf16 where the hardware runs it natively ("auto"), on request ("bf16"), else fp32."""
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    native = [getattr(torch.cpu, name, lambda: False) for name in
-              ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return torch.bfloat16 if any(f() for f in native) else None
+    return torch.bfloat16 if bf16_supported(device) else None
 
 
 def resolve_checkpoint(url: str) -> str:

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from models import ReuseState, build_config, build_model, config_to_dict
 from models.config import ENATConfig, NATConfig
+from models.device import bf16_supported
 from models.layers import drop_condition
 from models.masking import MaskingConfig, mask_tokens, masked_token_loss, previous_step_input
 from models.typed_config import ConfigError, check, from_dict, to_dict
@@ -116,14 +117,6 @@ class TrainResult:
 def derived_seed(*parts: Any) -> int:
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    native = [getattr(torch.cpu, name, lambda: False) for name in
-              ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(f() for f in native)
 
 
 def _import_deepspeed() -> Any:

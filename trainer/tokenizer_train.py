@@ -49,6 +49,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models import VQGAN, VQGANConfig, config_to_dict
+from models.device import pick_device
 from models.typed_config import ConfigError, check, to_dict
 from pipelines import model_io, storage
 from pipelines.tracking import Tracker
@@ -262,14 +263,6 @@ def restart_dead_codes(model: VQGAN, encodings: Tensor, last_used: Tensor, step:
         model.quantizer.codebook.weight[dead.to(flat.device)] = flat[picks]
     last_used[dead] = step
     return len(dead)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("bad value for 'device': cuda requested but no GPU is visible; use device=auto")
-    return torch.device(name)
 
 
 def _open_tracker(config: TokenizerTrainConfig, previous_run_id: str | None) -> tuple[Tracker, bool]:
