@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "cluster.submit",
     "cluster.pretokenize_cmd",
     "cluster.eval_cmd",
+    "cluster.eval_watch",
     "cluster.search_cmd",
 ]
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cluster.command import Command
@@ -27,30 +25,24 @@ from cluster.config import load_config
 from models.typed_config import check, to_dict
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
-EXTRACTOR_METRICS = ("fid", "kid", "kid_std", "is", "is_std")
-PLAIN_METRICS = ("gflops_per_image", "gflops_per_image_with_decoder", "images_per_s")
 
 
 def log_evaluation(tracker: Any, result: dict, config: dict | None = None) -> None:
     """Log one evaluate_checkpoint result to an MLflow run (pipelines.tracking.Tracker)."""
+    from evaluation.evaluate import evaluation_metrics
     from pipelines import storage
 
     extractor_id = result["extractor_id"]
     tracker.log_params({**(config or {}), "extractor_id": extractor_id, "num_samples": result["num_samples"],
                         "seed": result["seed"], "steps": result["steps"], "strategy_name": result["strategy"],
                         "model_id": result["model_id"], "tokenizer_id": result["tokenizer_id"]})
-    metrics = {f"{key}/{extractor_id}": result[key] for key in EXTRACTOR_METRICS if key in result}
-    metrics.update({key: result[key] for key in PLAIN_METRICS if key in result})
-    tracker.log_metrics(metrics, step=result.get("step") or 0)
+    tracker.log_metrics(evaluation_metrics(result), step=result.get("step") or 0)
     tracker.set_tags({"extractor_id": extractor_id})
     tracker.log_text(result["strategy_yaml"], "strategy.yaml")
-    with tempfile.TemporaryDirectory() as tmp:
-        grid = Path(tmp) / "grid.png"
-        grid.write_bytes(storage.read_bytes(result["grid"]))
-        tracker.log_artifact(grid)
+    tracker.log_bytes(storage.read_bytes(result["grid"]), "grid.png")
 
 
-def _clear_errors(run: Any) -> Any:
+def clear_errors(run: Any) -> Any:
     """Known bad-input errors become one line on stderr and exit code 2 (not a traceback)."""
 
     def wrapped(config: Any, args: argparse.Namespace) -> int | None:
@@ -87,7 +79,7 @@ def _with_checkpoint(help_text: str, config_cls: type, run: Any) -> Command:
             flags["checkpoint"] = args.checkpoint
         return run(load_config(config_cls, args.config, overrides, flags=flags), args)
 
-    return Command(help_text, None, _clear_errors(start), add_arguments=arguments)
+    return Command(help_text, None, clear_errors(start), add_arguments=arguments)
 
 
 def _sample(config: Any, _args: argparse.Namespace) -> int:
@@ -112,7 +104,7 @@ def _fid_stats(config: Any, _args: argparse.Namespace) -> int:
 
 
 def _eval_checkpoint(config: Any, _args: argparse.Namespace) -> int:
-    from evaluation.evaluate import evaluate
+    from evaluation.evaluate import evaluate, metrics_line
     from pipelines.tracking import Tracker
 
     result = evaluate(config)
@@ -122,8 +114,7 @@ def _eval_checkpoint(config: Any, _args: argparse.Namespace) -> int:
     tracker = Tracker(config.mlflow_experiment, name, enabled=config.tracking)
     log_evaluation(tracker, result, to_dict(config))
     tracker.finish()
-    shown = "  ".join(f"{key} {result[key]:.4g}" for key in EXTRACTOR_METRICS if key in result)
-    print(f"{shown}  [extractor {result['extractor_id']}, {result['num_samples']} samples, "
+    print(f"{metrics_line(result)}  [extractor {result['extractor_id']}, {result['num_samples']} samples, "
           f"seed {result['seed']}, {result['steps']} steps]")
     print(f"GFLOPs/image {result['gflops_per_image']:.4g} "
           f"({result['gflops_per_image_with_decoder']:.4g} with the decoder), "
@@ -155,14 +146,14 @@ class FloorConfig:
 
 
 def _floor(config: FloorConfig, _args: argparse.Namespace) -> int:
+    from evaluation.evaluate import metrics_line
     from evaluation.image_sets import ImageSet, read_all
     from evaluation.metrics import load_extractor, real_floor
 
     images, _ = read_all(ImageSet(config.images, config.resolution, limit=config.limit))
     result = real_floor(images, load_extractor(config.extractor, config.device), config.seed)
-    shown = "  ".join(f"{key} {result[key]:.4g}" for key in EXTRACTOR_METRICS if key in result)
-    print(f"real vs real ({result['num_samples']} vs {result['reference_images']} images): {shown}  "
-          f"[extractor {result['extractor_id']}]")
+    print(f"real vs real ({result['num_samples']} vs {result['reference_images']} images): "
+          f"{metrics_line(result)}  [extractor {result['extractor_id']}]")
     return 0
 
 
@@ -177,17 +168,17 @@ def commands() -> dict[str, dict[str, Command]]:
             "sample": _with_checkpoint("sample images from a checkpoint's EMA weights (PNGs, npz, grid)",
                                        SampleConfig, _sample),
             "fid-stats": Command("compute reference FID statistics (npz with mu, sigma, extractor id)",
-                                 FidStatsConfig, _clear_errors(_fid_stats),
+                                 FidStatsConfig, clear_errors(_fid_stats),
                                  {"--images": "images", "--out": "out"}),
         },
         "eval": {
             "checkpoint": _with_checkpoint("FID/KID/IS, FLOPs and speed of a checkpoint, logged to MLflow",
                                            EvalConfig, _eval_checkpoint),
             "train-features": Command("train the domain feature extractor on a class-folder tree",
-                                      FeatureTrainConfig, _clear_errors(_train_features),
+                                      FeatureTrainConfig, clear_errors(_train_features),
                                       {"--data": "data", "--out": "out"}),
             "floor": Command("FID between two disjoint halves of a real image set", FloorConfig,
-                             _clear_errors(_floor), {"--images": "images"}),
+                             clear_errors(_floor), {"--images": "images"}),
         },
     }
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.command import Command
+from cluster.ray_session import start_ray
 from models.typed_config import to_dict
 from pipelines.pretokenize import PretokenizeConfig
 from pipelines.shards import Manifest
@@ -35,25 +35,6 @@ def _shard_task(task: Any, threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)  # the task's CPU share, not the whole machine
     return process_shard(task)
-
-
-def _start_ray(num_cpus: int | None = None) -> bool:
-    """Connect to RAY_ADDRESS, or start a local Ray; True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only cluster
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
-    context = ray.get_runtime_context()
-    print(f"ray: {'cluster ' + address if address else 'local'}, session "
-          f"{ray._private.worker.global_worker.node.get_session_dir_path()}, "
-          f"job {context.get_job_id()}", file=sys.stderr, flush=True)
-    return True
 
 
 def _task_options(config: PretokenizeConfig) -> tuple[dict[str, Any], int]:
@@ -138,7 +119,7 @@ def _run_job(job: Any, config: PretokenizeConfig, started: float, progress: bool
     """The shard tasks, then the manifest; None (with the reason printed) if shards failed."""
     from pipelines.pretokenize import finish
 
-    started_ray = _start_ray()
+    started_ray = start_ray()
     try:
         shards_started = time.monotonic()
         records, failures = run_shards(job, config, progress)

@@ -20,6 +20,7 @@ the same command resumes. `launch.launcher=process` runs it in this process only
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -30,11 +31,8 @@ from cluster.config import CONFIG_DIR, merge, parse_overrides, preset_path, read
 from models.typed_config import ConfigError, check, from_dict, to_dict
 
 if TYPE_CHECKING:  # importing the loop pulls in torch: only when a job runs
+    from cluster.eval_watch import TrainEvalConfig
     from trainer.loop import TrainConfig
-
-# Forwarded to workers of a remote Ray cluster (a local Ray inherits the whole environment).
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION")
-
 
 @dataclass
 class LaunchConfig:
@@ -65,9 +63,11 @@ def train_preset_path(name: str) -> Any:
 
 
 def load_train_config(preset: str | None, overrides: list[str] | tuple[str, ...] = ()
-                      ) -> tuple[TrainConfig, LaunchConfig]:
-    """Preset YAML < key=value overrides, as (loop config, `launch:` section). `model:` may
-    name a model preset; `model.<key>=...` overrides then apply to that preset's values."""
+                      ) -> tuple[TrainConfig, LaunchConfig, TrainEvalConfig]:
+    """Preset YAML < key=value overrides, as (loop config, `launch:` section, `eval:`
+    section). `model:` may name a model preset; `model.<key>=...` overrides then apply to
+    that preset's values."""
+    from cluster.eval_watch import TrainEvalConfig
     from trainer.loop import TrainConfig
 
     data = read_yaml(train_preset_path(preset)) if preset else {}
@@ -77,10 +77,12 @@ def load_train_config(preset: str | None, overrides: list[str] | tuple[str, ...]
     if isinstance(update.get("model"), str):  # another preset replaces the model wholesale
         data["model"] = _resolve_model(update.pop("model"))
     data = merge(data, update)
-    launch = data.pop("launch", {})
-    if not isinstance(launch, dict):
-        raise ConfigError(f"bad value for 'launch': expected a mapping, got {launch!r}")
-    return from_dict(TrainConfig, data), from_dict(LaunchConfig, launch, prefix="launch.")
+    sections = {name: data.pop(name, {}) for name in ("launch", "eval")}
+    for name, section in sections.items():
+        if not isinstance(section, dict):
+            raise ConfigError(f"bad value for '{name}': expected a mapping, got {section!r}")
+    return (from_dict(TrainConfig, data), from_dict(LaunchConfig, sections["launch"], prefix="launch."),
+            from_dict(TrainEvalConfig, sections["eval"], prefix="eval."))
 
 
 def preflight(config: TrainConfig) -> None:
@@ -127,25 +129,25 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     train(config, on_checkpoint=report)
 
 
-def run_on_ray(config: TrainConfig, launch: LaunchConfig) -> Any:
+def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig | None = None) -> Any:
     """Run the loop under Ray Train's TorchTrainer; returns Ray's Result, raises
-    ray.train.TrainingFailedError when the workers failed more than max_failures times."""
+    ray.train.TrainingFailedError when the workers failed more than max_failures times.
+    With `evals.watch`, checkpoints are evaluated as Ray tasks while training goes on."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    address = os.environ.get("RAY_ADDRESS")
-    owns_ray = not ray.is_initialized()
-    if owns_ray:
-        if not address:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
-        ray.init(address=address or None, include_dashboard=False, runtime_env={"env_vars": env},
-                 num_cpus=None if address else max(os.cpu_count() or 1,
-                                                   int(launch.num_workers * launch.cpus_per_worker)))
+    from cluster.eval_watch import BackgroundWatch
+    from cluster.ray_session import cluster_has_gpus, start_ray
+    from trainer import checkpoint
+
+    watching = evals is not None and evals.watch
+    wanted = launch.num_workers * launch.cpus_per_worker + (evals.num_cpus if watching else 0)
+    owns_ray = start_ray(max(os.cpu_count() or 1, math.ceil(wanted)))
+    run_url = checkpoint.run_url(config.root, config.run)
+    watcher = BackgroundWatch(evals, run_url).start() if watching else None
     try:
-        use_gpu = (launch.use_gpu == "yes" or
-                   (launch.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0))
+        use_gpu = launch.use_gpu == "yes" or (launch.use_gpu == "auto" and cluster_has_gpus())
         storage_path, storage_fs = _ray_storage(config, launch)
         trainer = TorchTrainer(
             _ray_worker,
@@ -158,6 +160,8 @@ def run_on_ray(config: TrainConfig, launch: LaunchConfig) -> Any:
         )
         return trainer.fit()
     finally:
+        if watcher is not None:
+            watcher.finish()  # evaluates the checkpoints not evaluated yet
         if owns_ray:
             ray.shutdown()
 
@@ -168,7 +172,7 @@ def _run(_config: Any, args: argparse.Namespace) -> int:
     from trainer import checkpoint
     from trainer.loop import train
 
-    config, launch = load_train_config(args.config, args.overrides)
+    config, launch, evals = load_train_config(args.config, args.overrides)
     launcher = launch.launcher
     if launcher == "auto":
         launcher = "process" if "TORCHELASTIC_RUN_ID" in os.environ else "ray"
@@ -176,6 +180,9 @@ def _run(_config: Any, args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") == "0":
             preflight(config)
         if launcher == "process":
+            if evals.watch and os.environ.get("RANK", "0") == "0":
+                print("note: eval.watch runs with the Ray launcher only; evaluate this run with "
+                      f"`enat eval watch {checkpoint.run_url(config.root, config.run)} ...`", file=sys.stderr)
             result = train(config)
             if result.step == config.steps and os.environ.get("RANK", "0") == "0":
                 print(f"run {config.run} finished at step {result.step}; last checkpoint {result.checkpoint}")
@@ -183,7 +190,7 @@ def _run(_config: Any, args: argparse.Namespace) -> int:
         import ray.train
 
         try:
-            run_on_ray(config, launch)
+            run_on_ray(config, launch, evals)
         except ray.train.TrainingFailedError as err:
             print(f"enat: error: training failed after {launch.max_failures} restart(s): "
                   f"{str(err).splitlines()[0]}", file=sys.stderr)

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 from ray import tune
 from ray.tune.search import Searcher
 
+from cluster.ray_session import start_ray
 from evaluation.schedule_search import AutoNATSearch, Evaluation, from_vector
 from models.strategy import Strategy
 from pipelines import storage
@@ -136,9 +136,7 @@ def run_search(objective_factory: ObjectiveFactory, initial: Strategy, settings:
                callbacks: list | None = None, max_temperature: float = 5.0,
                max_cfg: float = 10.0) -> dict[str, Any]:
     """Run the experiment; returns the best strategy, its FID and per-trial results."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+    start_ray(quiet=True)
     if searcher == "autonat":
         search = load_or_start(state_url, initial, hyper)
         algorithm: Searcher = AutoNATSearcher(search, updates, state_url)

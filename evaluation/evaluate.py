@@ -72,6 +72,24 @@ class EvalConfig:
         check(self.precision in ("auto", "bf16", "fp32"), "precision", "auto, bf16 or fp32", self.precision)
 
 
+EXTRACTOR_METRICS = ("fid", "kid", "kid_std", "is", "is_std")  # meaningful per extractor only
+PLAIN_METRICS = ("gflops_per_image", "gflops_per_image_with_decoder", "images_per_s")
+
+
+def evaluation_metrics(result: dict, prefix: str = "") -> dict[str, float]:
+    """A result's metrics for MLflow: extractor-dependent ones as `<metric>/<extractor id>`,
+    so values from different extractors never share a chart."""
+    extractor_id = result["extractor_id"]
+    metrics = {f"{prefix}{key}/{extractor_id}": result[key] for key in EXTRACTOR_METRICS if key in result}
+    metrics.update({f"{prefix}{key}": result[key] for key in PLAIN_METRICS if key in result})
+    return metrics
+
+
+def metrics_line(result: dict) -> str:
+    """`fid 2.15  kid 0.01 ...` for a terminal."""
+    return "  ".join(f"{key} {result[key]:.4g}" for key in EXTRACTOR_METRICS if key in result)
+
+
 def _timed(batches: Iterator, grid: GridCollector, clock: dict) -> Iterator[Tensor]:
     """The batches' images, feeding the grid; clock["seconds"] sums the generation time only."""
     while True:

@@ -101,11 +101,15 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call("log_artifact", str(path), artifact_path)
 
-    def log_text(self, text: str, name: str) -> None:
+    def log_bytes(self, data: bytes, name: str, artifact_path: str | None = None) -> None:
+        """An in-memory file as the artifact `[artifact_path/]name`."""
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp) / name
-            file.write_text(text)
-            self.log_artifact(file)
+            file.write_bytes(data)
+            self.log_artifact(file, artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.log_bytes(text.encode(), name)
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("set_terminated", status)

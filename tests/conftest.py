@@ -40,3 +40,18 @@ def s3_bucket(s3_env) -> str:
     storage.ensure_bucket(url)
     return url
 
+
+
+@pytest.fixture(scope="session")
+def small_extractor(tmp_path_factory) -> str:
+    """`enat eval train-features` on 200 demo images, one epoch: a real registered domain
+    extractor, quick to train (its accuracy does not matter to the tests using it)."""
+    from cluster.cli import main
+    from pipelines.demo_data import DemoDataConfig, make_demo_data
+
+    root = tmp_path_factory.mktemp("features")
+    make_demo_data(DemoDataConfig(out=str(root / "data"), limit=200))
+    out = str(root / "extractor")
+    assert main(["eval", "train-features", "--data", str(root / "data" / "imagenet"), "--out", out,
+                 "epochs=1", "width=8", "holdout=0.2"]) == 0
+    return out

@@ -20,7 +20,6 @@ from evaluation.strategy_io import StrategyError, load_strategy, save_strategy
 from models import ENATConfig, VQGANConfig, build_model
 from models.strategy import Strategy
 from pipelines import storage
-from pipelines.demo_data import DemoDataConfig, make_demo_data
 from pipelines.model_io import load_model, save_model
 from pipelines.shards import Manifest, TokenSample, shard_name, write_manifest, write_shard
 
@@ -138,15 +137,9 @@ def test_sampler_needs_a_known_tokenizer(run, tmp_path):
     assert sampler.resolution == 32 and sampler.tokenizer_url == run["tokenizer"]
 
 
-@pytest.fixture(scope="module")
-def extractor(tmp_path_factory) -> str:
-    """`enat eval train-features` on a few demo images (two classes)."""
-    root = tmp_path_factory.mktemp("features")
-    make_demo_data(DemoDataConfig(out=str(root / "data"), limit=200))
-    out = str(root / "extractor")
-    assert main(["eval", "train-features", "--data", str(root / "data" / "imagenet"), "--out", out,
-                 "epochs=1", "width=8", "holdout=0.2"]) == 0
-    return out
+@pytest.fixture
+def extractor(small_extractor) -> str:
+    return small_extractor
 
 
 @pytest.mark.slow

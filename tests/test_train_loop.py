@@ -38,7 +38,7 @@ from trainer.loop import train
 preset, out = sys.argv[1], sys.argv[2]
 for spec in sys.argv[3:]:
     name, until, overrides = spec.split("|")
-    config, _ = load_train_config(preset, [f"run={name}", *filter(None, overrides.split(","))])
+    config, _, _ = load_train_config(preset, [f"run={name}", *filter(None, overrides.split(","))])
     result = train(config, until_step=int(until) or None)
     with open(f"{out}/{name}-{result.step}-rank{__import__('os').environ['RANK']}.json", "w") as f:
         json.dump({"losses": result.losses, "resumed_from": result.resumed_from}, f)

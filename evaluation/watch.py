@@ -1,0 +1,121 @@
+"""Evaluate a training run's checkpoints as they land, each exactly once.
+
+The ledger is the run's storage, not the watcher's memory: evaluating step n ends by
+publishing `{run}/evals/step-<n>.json` (atomically, after the metrics are in MLflow), and
+a checkpoint counts as evaluated once that record exists. A restarted watcher therefore
+re-reads the ledger and only picks up what has no record; only an evaluation that was cut
+off mid-way runs again. One watcher per run: two at once could evaluate a step twice.
+
+This module is the work of one evaluation and the bookkeeping around it; dispatching the
+work as Ray tasks is cluster/eval_watch.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from models.typed_config import check
+from pipelines import storage
+
+EVALS_DIR = "evals"
+RECORD = re.compile(r"step-(\d+)\.json")
+TRACKING_FILE = "tracking.json"  # written by the training loop: {"mlflow_run_id": ...}
+
+
+@dataclass
+class WatchConfig:
+    run: str = ""  # the training run's folder, {root}/runs/<run>
+    reference: str = ""  # stats npz, image set or token shards (evaluation/image_sets.py)
+    extractor: str = "inception"  # inception, inception:<weights file>, or a domain extractor URL
+    strategy: str = "default"
+    steps: int = 0  # generation steps; 0: the strategy's own (8 for "default")
+    num_samples: int = 1000
+    batch_size: int = 50
+    seed: int = 0  # the same seed at every step, so the FID curve measures the weights
+    captions: str = ""  # text-conditioned runs: a captions file to sample from
+    follow: bool = True  # keep watching until the run's last step is evaluated; false: one pass
+    poll_seconds: float = 10.0
+    idle_timeout: float = 0.0  # stop after this long without a new checkpoint; 0 = never
+    max_in_flight: int = 1  # evaluations running at once
+    num_cpus: float = 1.0  # Ray resources of one evaluation task
+    num_gpus: float = 0.25  # used only when the cluster has GPUs: a share of one beside training
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check(bool(self.reference), "reference", "a stats npz, image set or token shards URL", self.reference)
+        check(self.num_samples >= 2, "num_samples", ">= 2 (FID needs a covariance)", self.num_samples)
+        check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        check(self.steps >= 0, "steps", ">= 0 (0 = the strategy's own)", self.steps)
+        check(self.poll_seconds > 0, "poll_seconds", "> 0", self.poll_seconds)
+        check(self.idle_timeout >= 0, "idle_timeout", ">= 0 (0 = never)", self.idle_timeout)
+        check(self.max_in_flight >= 1, "max_in_flight", ">= 1", self.max_in_flight)
+        check(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus/num_gpus", ">= 0",
+              (self.num_cpus, self.num_gpus))
+
+
+def evals_url(run_url: str) -> str:
+    return storage.join(run_url, EVALS_DIR)
+
+
+def record_url(run_url: str, step: int) -> str:
+    return storage.join(evals_url(run_url), f"step-{step}.json")
+
+
+def read_records(run_url: str) -> dict[int, dict[str, Any]]:
+    """The run's published evaluation records by step."""
+    folder = evals_url(run_url)
+    records = {}
+    for name in storage.listdir(folder):
+        match = RECORD.fullmatch(name.rstrip("/").rsplit("/", 1)[-1])
+        if match:
+            record = storage.read_bytes(storage.join(folder, match.group(0)))
+            records[int(match.group(1))] = json.loads(record)
+    return records
+
+
+def checkpoints_of(run_url: str) -> list[tuple[int, str, int]]:
+    """(step, checkpoint URL, the run's final step) of every complete checkpoint, by step."""
+    from trainer import checkpoint
+
+    root, _, run = run_url.rstrip("/").rpartition("/runs/")
+    if not run:
+        raise ValueError(f"{run_url} is not a training run folder: expected <root>/runs/<run>")
+    complete, _ = checkpoint.scan(root, run)
+    found = []
+    for ckpt in complete:
+        config = json.loads(storage.read_bytes(storage.join(ckpt.url, checkpoint.CONFIG_NAME)))
+        found.append((ckpt.step, ckpt.url, int(config["steps"])))
+    return found
+
+
+def training_run_id(run_url: str) -> str | None:
+    """The MLflow run the training loop logs to, if it tracks."""
+    url = storage.join(run_url, TRACKING_FILE)
+    return json.loads(storage.read_bytes(url)).get("mlflow_run_id") if storage.exists(url) else None
+
+
+def evaluate_step(config: WatchConfig, step: int, checkpoint_url: str) -> dict[str, Any]:
+    """Evaluate one checkpoint's EMA weights, log the metrics into the training run's MLflow
+    run at `step`, then publish the record. Returns the record."""
+    from evaluation.evaluate import evaluate_checkpoint, evaluation_metrics
+    from pipelines.tracking import Tracker
+
+    out = storage.join(evals_url(config.run), f"step-{step}")
+    result = evaluate_checkpoint(storage.join(checkpoint_url, "ema"), "", config.strategy, config.num_samples,
+                                 config.seed, config.reference, config.extractor, steps=config.steps or None,
+                                 batch_size=config.batch_size, out=out, captions=config.captions,
+                                 device=config.device, progress=False)
+    run_id = training_run_id(config.run)
+    if run_id:
+        tracker = Tracker("", "", run_id=run_id)
+        tracker.log_metrics(evaluation_metrics(result, prefix="eval/"), step=step)
+        tracker.set_tags({"eval.extractor_id": result["extractor_id"], "eval.strategy": result["strategy"],
+                          "eval.num_samples": result["num_samples"], "eval.seed": result["seed"]})
+        tracker.log_bytes(storage.read_bytes(result["grid"]), "grid.png", f"evals/step-{step}")
+    record = {key: value for key, value in result.items() if key != "strategy_yaml"}
+    record.update(step=step, mlflow_run_id=run_id)
+    storage.write_bytes(record_url(config.run, step), json.dumps(record, indent=1).encode())
+    return record
