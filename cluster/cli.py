@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 import typing
+from typing import Any
 
 from cluster.command import Command
 from cluster.config import load_config
@@ -94,32 +95,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str]) -> argparse.Namespace:
+    """`enat` arguments as main() sees them: default subcommands applied, key=value
+    overrides that follow options collected (argparse leaves those as unknown arguments,
+    e.g. `search CKPT --steps 4 seed=1`). Exits (argparse) on a bad command line."""
     parser = build_parser()
     groups, _, defaults = all_commands()
-    argv = with_default_subcommand(list(sys.argv[1:] if argv is None else argv), groups, defaults)
-    # Overrides may come after options (`search CKPT --steps 4 seed=1`): argparse leaves
-    # those as unknown arguments, so collect them here.
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(with_default_subcommand(list(argv), groups, defaults))
     stray = [item for item in unknown if item.startswith("-") or "=" not in item]
     if stray or (unknown and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(stray or unknown)}")
     if unknown:
         args.overrides = list(args.overrides) + unknown
-    if not hasattr(args, "command"):
-        parser.print_help()
-        return 2
+    args.print_help = parser.print_help
+    return args
+
+
+def command_config(args: argparse.Namespace) -> Any:
+    """The parsed command's typed config (None for commands that load their own);
+    raises ConfigError naming a bad key or value."""
     command: Command = args.command
+    if command.config_cls is None:
+        return None
+    flags = {key: getattr(args, f"flag_{key}") for key in command.flags.values()
+             if getattr(args, f"flag_{key}") is not None}
+    overrides = list(args.overrides)
+    if command.positional and overrides and "=" not in overrides[0]:
+        flags[command.positional] = overrides.pop(0)
+    return load_config(command.config_cls, args.config, overrides, flags=flags)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if not hasattr(args, "command"):
+        args.print_help()
+        return 2
     try:
-        config = None
-        if command.config_cls is not None:
-            flags = {key: getattr(args, f"flag_{key}") for key in command.flags.values()
-                     if getattr(args, f"flag_{key}") is not None}
-            overrides = list(args.overrides)
-            if command.positional and overrides and "=" not in overrides[0]:
-                flags[command.positional] = overrides.pop(0)
-            config = load_config(command.config_cls, args.config, overrides, flags=flags)
-        return command.run(config, args) or 0
+        return args.command.run(command_config(args), args) or 0
     except ConfigError as err:
         print(f"enat: error: {err}", file=sys.stderr)
         return 2

@@ -24,8 +24,11 @@ def start_ray(num_cpus: int | None = None, quiet: bool = False) -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=not quiet)
+        # Inside a submitted job (`enat submit`) the job's runtime env already carries these
+        # to every worker, and Ray refuses a second env that names the same variables.
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        env = {} if in_job else {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=not quiet)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only cluster
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
