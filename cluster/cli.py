@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "cluster.eval_cmd",
     "cluster.eval_watch",
     "cluster.search_cmd",
+    "cluster.search_train",
 ]
 
 

@@ -98,21 +98,20 @@ def preflight(config: TrainConfig) -> None:
     checkpoint.resume_target(config.root, config.run, config.resume)
 
 
-def _ray_storage(config: TrainConfig, launch: LaunchConfig) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Ray's RunConfig."""
-    from trainer import checkpoint
-
-    url = launch.ray_storage or checkpoint.run_url(config.root, config.run) + "/ray"
+def ray_storage(url: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig: local folders as paths;
+    object storage through our fsspec filesystem, wrapped for pyarrow (Ray writes through
+    pyarrow), so one configuration serves both (AWS_* from the environment, custom
+    endpoints such as SeaweedFS included)."""
     if "://" not in url or url.startswith("file://"):
         path = os.path.abspath(url.removeprefix("file://"))
         os.makedirs(path, exist_ok=True)
         return path, None
     import pyarrow.fs
-    from fsspec.core import url_to_fs
 
-    # Ray writes through pyarrow; wrapping our fsspec filesystem keeps one configuration
-    # (AWS_* from the environment, custom endpoints such as SeaweedFS included).
-    fs, path = url_to_fs(url)
+    from pipelines import storage
+
+    fs, path = storage.filesystem(url)
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
@@ -126,7 +125,7 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     def report(step: int, url: str, metrics: dict[str, float]) -> None:
         ray.train.report({"step": step, "checkpoint_url": url, **metrics})
 
-    train(config, on_checkpoint=report)
+    train(config, until_step=loop_config.get("until_step"), on_checkpoint=report)
 
 
 def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig | None = None) -> Any:
@@ -148,7 +147,7 @@ def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig
     watcher = BackgroundWatch(evals, run_url).start() if watching else None
     try:
         use_gpu = launch.use_gpu == "yes" or (launch.use_gpu == "auto" and cluster_has_gpus())
-        storage_path, storage_fs = _ray_storage(config, launch)
+        storage_path, storage_fs = ray_storage(launch.ray_storage or f"{run_url}/ray")
         trainer = TorchTrainer(
             _ray_worker,
             train_loop_config={"config": to_dict(config)},

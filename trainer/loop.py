@@ -50,6 +50,7 @@ from trainer import checkpoint
 from trainer.data import Batch, DataConfig, StreamPosition, TokenStream, open_dataset
 from trainer.ema import EMA
 from trainer.metrics import Meter, matmul_peak, train_flops_per_sample
+from trainer.validation import ValidationConfig, validation_batch, validation_loss
 
 TRAINABLE = {"enat": ENATConfig, "nat": NATConfig}
 
@@ -80,6 +81,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
     resume: str = "auto"  # auto: the run's latest checkpoint; never; or a step-<n> folder URL
+    validation: ValidationConfig = field(default_factory=ValidationConfig)  # val_loss at checkpoints
     mlflow_experiment: str = "enat-train"
     tracking: bool = True
 
@@ -175,6 +177,8 @@ class Trainer:
         self.p_uncond = model_config.cond_dropout if config.p_uncond is None else config.p_uncond
         self.export_config = replace(model_config, cond_dropout=self.p_uncond)
         self.dataset = open_dataset(config.data, model_config)
+        validation = config.validation
+        self.val_batch = validation_batch(self.dataset, validation) if validation.samples else None
         bf16 = config.precision == "bf16" or (config.precision == "auto" and bf16_supported(self.device))
         self.dtype = torch.bfloat16 if bf16 else torch.float32
 
@@ -304,13 +308,25 @@ class Trainer:
                   flush=True)
             self.tracker.log_metrics(metrics, step)
 
+    def _validate(self, step: int) -> None:
+        """val_loss of the EMA weights (what gets evaluated), computed on rank 0."""
+        loss = [validation_loss(self.ema.model, self.val_batch, self.config.validation, self.mask_id,
+                                self.device) if self.rank == 0 else None]
+        dist.broadcast_object_list(loss, src=0)
+        self.metrics["val_loss"] = loss[0]
+        if self.rank == 0:
+            print(f"step {step}: val_loss {loss[0]:.4f}", flush=True)
+            self.tracker.log_metrics({"val_loss": loss[0]}, step)
+
     def _checkpoint(self, step: int, on_checkpoint: Callable[[int, str, dict], None] | None) -> None:
         config = self.config
+        if self.val_batch is not None:
+            self._validate(step)
         url = checkpoint.step_url(config.root, config.run, step)
         saved = checkpoint.save(url, step, self.engine, self.ema.model, self.export_config,
                                 self.stream.position().to_dict(), to_dict(config),
                                 meta={"zero_stage": config.zero_stage, "model": self.model_dict,
-                                      "run": config.run})
+                                      "run": config.run, "metrics": dict(self.metrics)})
         self.last_checkpoint = saved.url
         if self.rank == 0:
             removed = checkpoint.prune(config.root, config.run, config.keep_last)

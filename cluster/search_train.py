@@ -1,0 +1,232 @@
+"""`enat search-train`: tune the training strategy (Beta(a, b) mask ratios, lr) with ASHA.
+
+    enat search-train --config tiny-enat-demo data.url=<shards> search.trials=8 search.max_steps=600
+
+Each Ray Tune trial is a short Ray Train run of the training loop (`launch.num_workers`
+workers, its own run `<search.name>-<trial>` under the root) that reports `val_loss` at
+every checkpoint: the EMA's masked-token loss on fixed grids at the masked counts of the
+default 8-step schedule (trainer/validation.py), comparable across mask distributions,
+which the training loss is not. ASHA stops the trials that trail at each rung
+(`search.grace_steps`, then x`search.reduction_factor`); each rung of a trial is one Ray
+Train run that resumes the trial's training run where the previous rung stopped. Trials
+take a custom `trial_slot` resource (one per concurrent trial; Tune cannot reserve zero
+CPUs for a trial whose workers are placed by Ray Train). The best setting goes to
+`{root}/runs/<name>/best.json` and as a `masking:`/`lr:` YAML snippet to `best.yaml`;
+rerunning the command resumes the Tune experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.command import Command
+from cluster.config import parse_overrides
+from models.typed_config import ConfigError, check, from_dict, to_dict
+
+
+@dataclass
+class TrainSearchConfig:
+    name: str = "search-train"  # the experiment: {root}/runs/<name>/ and trial runs <name>-<id>
+    trials: int = 8
+    max_steps: int = 600  # steps of a trial that is never stopped
+    grace_steps: int = 200  # the first rung: no trial is stopped before it
+    reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor at each rung
+    concurrency: int = 1  # trials at once (each runs launch.num_workers workers)
+    beta_a: tuple[float, float] = (1.0, 16.0)  # uniform ranges of the mask-ratio Beta(a, b)
+    beta_b: tuple[float, float] = (1.0, 8.0)
+    lr: tuple[float, float] = (1e-4, 3e-3)  # log-uniform
+    validation_samples: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.trials >= 1, "search.trials", ">= 1", self.trials)
+        check(self.grace_steps >= 1, "search.grace_steps", ">= 1", self.grace_steps)
+        check(self.max_steps >= self.grace_steps, "search.max_steps", ">= search.grace_steps", self.max_steps)
+        check(self.reduction_factor >= 2, "search.reduction_factor", ">= 2", self.reduction_factor)
+        check(self.concurrency >= 1, "search.concurrency", ">= 1", self.concurrency)
+        check(self.validation_samples >= 1, "search.validation_samples", ">= 1", self.validation_samples)
+        for key in ("beta_a", "beta_b", "lr"):
+            low, high = getattr(self, key)
+            check(0 < low <= high, f"search.{key}", "[low, high] with 0 < low <= high", getattr(self, key))
+
+    def rungs(self) -> list[int]:
+        """The steps at which ASHA compares trials (trials checkpoint and report there)."""
+        steps, rung = [], self.grace_steps
+        while rung < self.max_steps:
+            steps.append(rung)
+            rung *= self.reduction_factor
+        return [*steps, self.max_steps]
+
+
+def load_search(preset: str | None, overrides: list[str]) -> tuple[Any, Any, TrainSearchConfig]:
+    """(train config, launch config, search config): `search.<key>=...` overrides configure the
+    search, every other key the trials' training (as for `enat train`)."""
+    from cluster.train_cmd import load_train_config
+
+    search = parse_overrides([o for o in overrides if o.startswith("search.")]).get("search", {})
+    config, launch, evals = load_train_config(preset, [o for o in overrides if not o.startswith("search.")])
+    if evals.watch:
+        raise ConfigError("eval.watch is not available in search-train: evaluate the best setting's run")
+    return config, launch, from_dict(TrainSearchConfig, search, prefix="search.")
+
+
+def trial_config(base: dict[str, Any], search: TrainSearchConfig, params: dict[str, float],
+                 trial_id: str) -> dict[str, Any]:
+    """The training config of one trial: the base with the trial's Beta(a, b) and lr, its own
+    run, checkpoints at ASHA's rungs (a checkpoint is where val_loss is reported)."""
+    rungs = search.rungs()
+    every = math.gcd(*rungs)
+    return {**base, "run": f"{search.name}-{trial_id}", "steps": search.max_steps, "lr": params["lr"],
+            "masking": {**base["masking"], "beta_a": params["beta_a"], "beta_b": params["beta_b"]},
+            "checkpoint_every": every, "keep_last": 1, "resume": "auto",
+            # A short run's EMA must forget the initial weights by the first rung.
+            "ema_decay": min(base["ema_decay"], max(0.0, 1 - 10 / search.grace_steps)),
+            "validation": {**base.get("validation", {}), "samples": search.validation_samples},
+            "warmup_steps": min(base["warmup_steps"], search.grace_steps // 2)}
+
+
+def _trial(params: dict[str, Any]) -> None:
+    """One Tune trial: one Ray Train run per ASHA rung, each resuming the trial's run from
+    its last checkpoint and stopping at the rung, then the rung's val_loss goes to Tune.
+    Between rungs no Train run is alive, so when ASHA stops the trial (Tune ends the trial
+    actor while it waits in report) there is no worker group whose placement group would
+    outlive it (Ray Train V2 does not release those when Tune stops a trial)."""
+    import ray.tune
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cluster.train_cmd import _ray_worker, ray_storage
+    from trainer import checkpoint
+
+    search, launch = params["search"], params["launch"]
+    config = trial_config(params["base"], search, params, ray.tune.get_context().get_trial_id())
+    storage_path, storage_fs = ray_storage(params["storage"])
+    for rung in search.rungs():
+        trainer = TorchTrainer(
+            _ray_worker, train_loop_config={"config": config, "until_step": rung},
+            scaling_config=ScalingConfig(num_workers=launch["num_workers"], use_gpu=params["use_gpu"],
+                                         resources_per_worker={"CPU": launch["cpus_per_worker"]}),
+            torch_config=TorchConfig(backend="nccl" if params["use_gpu"] else "gloo"),
+            run_config=RunConfig(name=f"{config['run']}-to-{rung}", storage_path=storage_path,
+                                 storage_filesystem=storage_fs,
+                                 failure_config=FailureConfig(max_failures=launch["max_failures"])))
+        trainer.fit()
+        reached = checkpoint.latest(config["root"], config["run"])  # its marker holds the metrics
+        ray.tune.report({"step": reached.step, "val_loss": reached.meta["metrics"]["val_loss"],
+                         "loss": reached.meta["metrics"].get("loss"), "checkpoint_url": reached.url})
+
+
+def run_search_train(config: Any, launch: Any, search: TrainSearchConfig) -> dict[str, Any]:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from cluster.ray_session import cluster_has_gpus, start_ray
+    from cluster.train_cmd import ray_storage
+    from pipelines import storage
+    from trainer import checkpoint
+
+    experiment_url = checkpoint.run_url(config.root, search.name)
+    storage.check_writable(experiment_url)
+    if "RAY_ADDRESS" not in os.environ:  # a local Ray: one trial_slot per concurrent trial
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", include_dashboard=False,
+                 num_cpus=max(os.cpu_count() or 1, math.ceil(search.concurrency * launch.num_workers
+                                                               * launch.cpus_per_worker)),
+                 resources={"trial_slot": search.concurrency})
+        owns_ray = True
+    else:
+        owns_ray = start_ray()  # a cluster: its nodes declare trial_slot (see the README)
+    try:
+        use_gpu = launch.use_gpu == "yes" or (launch.use_gpu == "auto" and cluster_has_gpus())
+        tune_url = storage.join(experiment_url, "tune")
+        tune_path, tune_fs = ray_storage(tune_url)
+        trainable = tune.with_resources(_trial, {"trial_slot": 1})
+        space = {"base": to_dict(config), "search": search, "launch": to_dict(launch), "use_gpu": use_gpu,
+                 "storage": storage.join(tune_url, "train"),
+                 "beta_a": tune.uniform(*search.beta_a), "beta_b": tune.uniform(*search.beta_b),
+                 "lr": tune.loguniform(*search.lr)}
+        path = f"{tune_path.rstrip('/')}/{search.name}"
+        if tune.Tuner.can_restore(path, storage_filesystem=tune_fs):
+            tuner = tune.Tuner.restore(path, trainable, param_space=space, resume_errored=True,
+                                       storage_filesystem=tune_fs)
+        else:
+            scheduler = ASHAScheduler(time_attr="step", max_t=search.max_steps,
+                                      grace_period=search.grace_steps,
+                                      reduction_factor=search.reduction_factor)
+            tuner = tune.Tuner(
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(
+                    metric="val_loss", mode="min", scheduler=scheduler, num_samples=search.trials,
+                    search_alg=BasicVariantGenerator(random_state=search.seed,
+                                                     max_concurrent=search.concurrency)),
+                run_config=tune.RunConfig(name=search.name, storage_path=tune_path,
+                                          storage_filesystem=tune_fs, verbose=0))
+        results = tuner.fit()
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    return summarize(results, experiment_url, search)
+
+
+def summarize(results: Any, experiment_url: str, search: TrainSearchConfig) -> dict[str, Any]:
+    """Every trial's setting, last val_loss and steps reached; the best (lowest val_loss
+    among the trials that reached max_steps) written to best.json and best.yaml."""
+    from pipelines import storage
+
+    trials = []
+    for result in results:
+        metrics, params = result.metrics or {}, result.config or {}
+        trials.append({"trial": metrics.get("trial_id"), "beta_a": params.get("beta_a"),
+                       "beta_b": params.get("beta_b"), "lr": params.get("lr"),
+                       "steps": metrics.get("step"), "val_loss": metrics.get("val_loss"),
+                       "checkpoint": metrics.get("checkpoint_url"),
+                       "error": str(result.error).splitlines()[0] if result.error else None})
+    finished = [t for t in trials if t["steps"] == search.max_steps and t["val_loss"] is not None]
+    if not finished:
+        raise RuntimeError(f"no trial of {search.name} reached step {search.max_steps}: "
+                           f"see the trials' errors")
+    best = min(finished, key=lambda t: t["val_loss"])
+    summary = {"best": best, "trials": trials, "rungs": search.rungs(),
+               "steps_trained": sum(t["steps"] or 0 for t in trials),
+               "steps_without_early_stopping": search.max_steps * len(trials)}
+    storage.write_bytes(storage.join(experiment_url, "best.json"), json.dumps(summary, indent=1).encode())
+    snippet = (f"# enat search-train {search.name}: val_loss {best['val_loss']:.4f} at step {best['steps']}\n"
+               f"lr: {best['lr']:.6g}\nmasking:\n"
+               f"  beta_a: {best['beta_a']:.4g}\n  beta_b: {best['beta_b']:.4g}\n")
+    storage.write_bytes(storage.join(experiment_url, "best.yaml"), snippet.encode())
+    return summary
+
+
+def _run(_config: Any, args: argparse.Namespace) -> int:
+    config, launch, search = load_search(args.config, args.overrides)
+    summary = run_search_train(config, launch, search)
+    print(f"{'trial':>12} {'beta_a':>7} {'beta_b':>7} {'lr':>9} {'steps':>6} {'val_loss':>9}")
+    for trial in sorted(summary["trials"], key=lambda t: (-(t["steps"] or 0), t["val_loss"] or math.inf)):
+        loss = trial["val_loss"] if trial["val_loss"] is not None else math.nan
+        print(f"{trial['trial'] or '?':>12} {trial['beta_a']:7.3f} {trial['beta_b']:7.3f} {trial['lr']:9.2e} "
+              f"{trial['steps'] or 0:6d} {loss:9.4f}")
+    best = summary["best"]
+    print(f"best: Beta({best['beta_a']:.3g}, {best['beta_b']:.3g}), lr {best['lr']:.3g}: val_loss "
+          f"{best['val_loss']:.4f}; ASHA trained {summary['steps_trained']} of "
+          f"{summary['steps_without_early_stopping']} steps")
+    return 0
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="PRESET_OR_PATH",
+                        help="train preset or YAML path (as for enat train)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="search.<key>=... for the search, other keys for the trials' training")
+
+
+def commands() -> dict[str, dict[str, Command]]:
+    return {"": {"search-train": Command(
+        "tune Beta(a,b) mask ratios and lr with ASHA, each trial a Ray Train run", None, _run,
+        add_arguments=_arguments)}}
