@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -148,14 +149,24 @@ def plot_search(history: list[dict], before: Strategy, after: Strategy, out_dir:
 
 
 def run_search_command(config: SearchConfig) -> dict[str, Any]:
-    from cluster.tune_search import TuneSettings, run_search
-    from evaluation.strategy_io import load_strategy, save_strategy
+    from evaluation.strategy_io import load_strategy
 
     out = config.output_url()
     initial = load_strategy(config.initial, config.steps)
     tracker = Tracker("enat-search", config.name, enabled=config.tracking)
     tracker.log_params(to_dict(config))
-    local = tempfile.mkdtemp(prefix="enat-search-")
+    local = tempfile.mkdtemp(prefix="enat-search-")  # Tune's scratch and the plots, removed at the end
+    try:
+        return _run_search(config, out, initial, tracker, local)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _run_search(config: SearchConfig, out: str, initial: Strategy, tracker: Tracker,
+                local: str) -> dict[str, Any]:
+    from cluster.tune_search import TuneSettings, run_search
+    from evaluation.strategy_io import save_strategy
+
     started = time.monotonic()
     result = run_search(
         fid_objective(config), initial,

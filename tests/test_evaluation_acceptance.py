@@ -118,7 +118,8 @@ def test_trained_tiny_enat_beats_its_initialisation(tmp_path, monkeypatch):
 
     strategy = Strategy.default(8, cfg_scale=1.0)
     results = {name: evaluate_checkpoint(url, tokenizer_url, strategy, SAMPLES, seed=0, reference=shards,
-                                         extractor=extractor_url, batch_size=50, progress=False)
+                                         extractor=extractor_url, batch_size=50, progress=False,
+                                         out=str(tmp_path / "eval" / name))
                for name, url in (("untrained", untrained), ("trained", trained))}
     reference, _ = read_all(ImageSet(shards, 32))
     floor = real_floor(reference, load_extractor(extractor_url, "cpu"), seed=0)

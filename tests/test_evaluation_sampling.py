@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,26 @@ def test_eval_checkpoint_logs_metrics_grid_and_strategy_to_mlflow(run, extractor
 
     artifacts = {a.path for a in MlflowClient().list_artifacts(run_id)}
     assert {"grid.png", "strategy.yaml"} <= artifacts
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_search_command_writes_strategy_plots_summary_and_nested_runs(run, extractor, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "search"
+    scratch_before = set(Path(tempfile.gettempdir()).glob("enat-search-*"))
+    assert main(["search", run["step"], "--steps", "2", f"reference={run['shards']}",
+                 f"extractor={extractor}", "updates=1", "num_samples=6", "batch_size=6", "concurrency=1",
+                 f"out={out}", "validation_samples=6"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluations_this_run"] == 7  # 4T-1 for T=2
+    assert summary["fid_initial_fresh_seeds"] > 0 and summary["fid_searched_fresh_seeds"] > 0
+    assert load_strategy(str(out / "strategy.yaml")).steps == 2
+    assert (out / "fid_vs_update.png").is_file() and (out / "schedule.png").is_file()
+    with sqlite3.connect(tmp_path / "mlflow.db") as con:
+        parent = con.execute("select run_uuid from runs where name = 'search'").fetchone()[0]
+        children = con.execute("select count(*) from tags where key = 'mlflow.parentRunId' and value = ?",
+                               (parent,)).fetchone()[0]
+    assert children == 7
+    assert set(Path(tempfile.gettempdir()).glob("enat-search-*")) <= scratch_before  # scratch removed
