@@ -90,7 +90,12 @@ class AutoNATSearch:
         return coordinate < self.steps - 1
 
     def delta(self, coordinate: int) -> float:
-        return self.hyper.ratio_delta if self.is_ratio(coordinate) else self.hyper.other_delta
+        """The finite-difference step of a coordinate in this update: forward, except for a
+        ratio at its upper bound, which steps backward (a ratio of 1 would mask everything)."""
+        if self.is_ratio(coordinate):
+            step = self.hyper.ratio_delta
+            return -step if self.params[coordinate] + step > self.hyper.max_ratio else step
+        return self.hyper.other_delta
 
     def evaluations(self) -> list[Evaluation]:
         """All 4T-1 evaluations of the current update (base first)."""

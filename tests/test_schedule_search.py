@@ -33,7 +33,8 @@ def test_one_update_asks_for_4t_minus_1_evaluations_with_the_right_deltas():
     search = AutoNATSearch.start(Strategy.default(8))
     points = search.evaluations()
     assert len(points) == 31 and points[0].coordinate == -1
-    assert points[1].vector[0] == pytest.approx(search.params[0] + 0.01)  # a ratio
+    assert points[2].vector[1] == pytest.approx(search.params[1] + 0.01)  # a ratio
+    assert points[1].vector[0] == pytest.approx(search.params[0] - 0.01)  # 0.981 + 0.01 > 0.99: backwards
     assert points[8].vector[7] == pytest.approx(search.params[7] + 0.1)  # a mask temperature
 
 
@@ -63,6 +64,12 @@ def test_clipping_keeps_ratios_in_range_and_the_rest_positive():
     assert all(0 <= r <= 0.99 for r in search.params[:2])
     assert all(x >= 1e-4 for x in search.params[2:])
     search.strategy()  # still a valid Strategy
+    # A ratio at its bound is probed backwards: every point to evaluate is a valid strategy.
+    assert search.params[0] == pytest.approx(0.99)
+    for evaluation in search.evaluations():
+        assert all(0 <= r <= 0.99 for r in evaluation.vector[:2])
+        from_vector(evaluation.vector, 3)
+    assert search.evaluations()[1].vector[0] == pytest.approx(0.98)
 
 
 @pytest.mark.parametrize("monotone", [False, True])
