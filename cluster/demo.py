@@ -1,27 +1,77 @@
-"""`enat demo`: the whole mission on embedded defaults, one resumable stage at a time."""
+"""`enat demo`: the whole mission on embedded defaults, one resumable stage at a time.
+
+Every stage after the services is an ordinary `enat` command run in a child process,
+printed before it runs so any stage can be rerun (or changed) by hand. A stage whose
+output already exists is skipped, and the commands resume on their own, so rerunning
+`make demo` after an interruption continues where it stopped. The sizes below fit ~20
+minutes on 2 CPU cores; they are demo sizes, not a recipe for quality.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster import services
+from cluster.demo_summary import write_summary
 from pipelines import storage
 from pipelines.demo_data import DemoDataConfig, make_demo_data
+
+FRESH_SEED = 1_000_003  # final evaluations: seeds no search trial used
 
 
 @dataclass
 class DemoConfig:
-    work_dir: str = "demo-out"  # local outputs: data, samples, summary
+    work_dir: str = "demo-out"  # local outputs: data, evaluations, summary
     root: str = f"s3://{services.DEFAULT_BUCKET}/demo"  # object-storage root of the demo
     data: DemoDataConfig = field(default_factory=lambda: DemoDataConfig(out="demo-out/data"))
+    tokenizer_steps: int = 1600
+    extractor_epochs: int = 12
+    train_steps: int = 1000  # tiny ENAT, 2 Ray workers
+    checkpoint_every: int = 500  # each checkpoint is evaluated as it lands
+    watch_samples: int = 200  # images per checkpoint evaluation
+    search_updates: int = 4  # AutoNAT updates of each search (4T-1 evaluations each)
+    search_samples: int = 200  # images per search evaluation
+    final_samples: int = 1000  # images of the final evaluations (fresh seeds)
+    text_steps: int = 400  # the text-to-image model on the CC3M-style shards
+    skip_text: bool = False
 
 
-def _stage(title: str) -> float:
+@dataclass
+class Stage:
+    title: str
+    done: Callable[[], bool]  # its output exists: skip it
+    args: list[str]  # `enat` arguments
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def _header(title: str) -> None:
     print(f"\n== {title}", flush=True)
-    return time.monotonic()
+
+
+def run_stage(stage: Stage) -> None:
+    _header(stage.title)
+    if stage.done():
+        print("done before: skipped", flush=True)
+        return
+    print("$ enat " + " ".join(shlex.quote(arg) for arg in stage.args), flush=True)
+    started = time.monotonic()
+    code = subprocess.run([sys.executable, "-m", "cluster.cli", *stage.args], check=False).returncode
+    if code != 0 or not stage.done():
+        raise DemoError(f"stage '{stage.title}' failed (exit {code}); fix the cause and rerun "
+                        f"`enat demo`: finished stages are kept")
+    print(f"({time.monotonic() - started:.0f} s)", flush=True)
 
 
 def s3_round_trip(root: str) -> str:
@@ -35,22 +85,149 @@ def s3_round_trip(root: str) -> str:
     return url
 
 
+class DemoPaths:
+    """Where each stage writes; the stages and the summary read them from here."""
+
+    def __init__(self, config: DemoConfig):
+        root, work = config.root, config.work_dir
+        self.images = os.path.join(config.data.out, "imagenet")
+        self.captions_tars = os.path.join(config.data.out, "cc3m")
+        self.tokenizer = storage.join(root, "runs", "tokenizer", "export")
+        self.extractor = storage.join(root, "extractor")
+        self.tokens = storage.join(root, "tokens", "imagenet")
+        self.text_tokens = storage.join(root, "tokens", "cc3m")
+        self.reference = storage.join(root, "reference", "imagenet-domain.npz")
+        self.floor = os.path.join(work, "floor.json")
+        self.run = storage.join(root, "runs", "tiny-enat-demo")
+        self.text_run = storage.join(root, "runs", "tiny-enat-text-demo")
+        self.evals = os.path.join(work, "eval")
+        self.captions = os.path.join(work, "captions.txt")
+        self.text_samples = os.path.join(work, "samples", "text")
+
+    def checkpoint(self, run_url: str, step: int) -> str:
+        return storage.join(run_url, "checkpoints", f"step-{step}")
+
+    def search(self, steps: int) -> str:
+        return storage.join(self.run, "search", f"autonat-{steps}")
+
+
+def _exists(url: str) -> Callable[[], bool]:
+    return lambda: storage.exists(url)
+
+
+def _evaluated(paths: DemoPaths, step: int) -> Callable[[], bool]:
+    from evaluation.watch import record_url
+
+    return lambda: storage.exists(record_url(paths.run, step))
+
+
+def stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
+    final = paths.checkpoint(paths.run, config.train_steps)
+    domain = [f"reference={paths.reference}", f"extractor={paths.extractor}"]
+    search = ["search", final, *domain, f"updates={config.search_updates}",
+              f"num_samples={config.search_samples}", f"batch_size={config.search_samples}"]
+    evaluate = ["eval", "checkpoint", final, *domain, f"num_samples={config.final_samples}",
+                f"seed={FRESH_SEED}", "batch_size=250", "isc=false"]
+    found = [
+        Stage("tokenizer training (VQGAN, 32x32 -> 8x8 ids)",
+              _exists(storage.join(paths.tokenizer, "config.json")),
+              ["tokenizer", "train", "--source", os.path.join(paths.images, "train"), "--root", config.root,
+               "--run", "tokenizer", f"steps={config.tokenizer_steps}"]),
+        Stage("domain feature extractor (FID features for the emoji)",
+              _exists(storage.join(paths.extractor, "extractor.json")),
+              ["eval", "train-features", "--data", paths.images, "--out", paths.extractor,
+               f"epochs={config.extractor_epochs}"]),
+        Stage("pretokenize the ImageNet-style tree to S3",
+              _exists(storage.join(paths.tokens, "manifest.json")),
+              ["pretokenize", f"source=imagenet:{paths.images}", f"out={paths.tokens}",
+               f"tokenizer={paths.tokenizer}", "flip=true", "shard_size=500"]),
+        Stage("pretokenize the CC3M-style tars (captions -> MiniLM embeddings) to S3",
+              _exists(storage.join(paths.text_tokens, "manifest.json")),
+              ["pretokenize", f"source=cc3m:{paths.captions_tars}", f"out={paths.text_tokens}",
+               f"tokenizer={paths.tokenizer}", "shard_size=500"]),
+        Stage("reference statistics of the real emoji", _exists(paths.reference),
+              ["fid-stats", "--images", f"imagenet:{paths.images}", "--out", paths.reference,
+               f"extractor={paths.extractor}", "resolution=32"]),
+        Stage("real-vs-real floor (two disjoint halves)", lambda: os.path.exists(paths.floor),
+              ["eval", "floor", "--images", f"imagenet:{paths.images}", f"extractor={paths.extractor}",
+               f"out={paths.floor}"]),
+        Stage("tiny ENAT training: 2 Ray workers, ZeRO-2, checkpoints evaluated as they land",
+              _evaluated(paths, config.train_steps),
+              ["train", "--config", "tiny-enat-demo", f"root={config.root}", f"data.url={paths.tokens}",
+               f"steps={config.train_steps}", f"checkpoint_every={config.checkpoint_every}",
+               "eval.watch=true", f"eval.reference={paths.reference}", f"eval.extractor={paths.extractor}",
+               f"eval.num_samples={config.watch_samples}", f"eval.batch_size={config.watch_samples}",
+               "eval.num_cpus=0.5"]),
+        Stage("AutoNAT search, 8 steps", _exists(storage.join(paths.search(8), "summary.json")),
+              [*search, "--steps", "8", "name=autonat-8"]),
+        Stage("AutoNAT search, 4 steps", _exists(storage.join(paths.search(4), "summary.json")),
+              [*search, "--steps", "4", "name=autonat-4"]),
+    ]
+    for name, strategy, steps in (("default-8", "default", 8),
+                                  ("searched-8", storage.join(paths.search(8), "strategy.yaml"), 8),
+                                  ("searched-4", storage.join(paths.search(4), "strategy.yaml"), 4)):
+        out = os.path.join(paths.evals, name)
+        found.append(Stage(f"final evaluation on fresh seeds: {name}",
+                           lambda out=out: os.path.exists(os.path.join(out, "metrics.json")),
+                           [*evaluate, f"strategy={strategy}", f"steps={steps}", f"out={out}",
+                            f"run_name=demo-{name}"]))
+    if not config.skip_text:
+        found += text_stages(config, paths)
+    return found
+
+
+def text_stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
+    """Text to image: a tiny text-conditioned ENAT on the caption shards, sampled from captions."""
+    final = paths.checkpoint(paths.text_run, config.text_steps)
+    return [
+        Stage("tiny text-to-image ENAT training on the CC3M-style shards",
+              _exists(storage.join(final, "checkpoint.json")),
+              ["train", "--config", "tiny-enat-text-demo", f"root={config.root}",
+               f"data.url={paths.text_tokens}", f"steps={config.text_steps}"]),
+        Stage("text-to-image samples from captions", _exists(os.path.join(paths.text_samples, "grid.png")),
+              ["sample", final, f"captions={paths.captions}", "num_samples=16", "batch_size=16",
+               f"out={paths.text_samples}"]),
+    ]
+
+
+def write_captions(paths: DemoPaths) -> None:
+    """Captions to sample from: one emoji name per class, twice (16+ grid cells)."""
+    from pipelines.demo_data import list_emoji
+
+    seen, lines = set(), []
+    for emoji in list_emoji():
+        if emoji.category not in seen:
+            seen.add(emoji.category)
+            lines.append(emoji.name)
+    Path(paths.captions).parent.mkdir(parents=True, exist_ok=True)
+    Path(paths.captions).write_text("\n".join(lines * 2) + "\n")
+
+
 def run_demo(config: DemoConfig, state_dir: Path) -> int:
-    started = _stage("services")
+    started = time.monotonic()
+    _header("services")
     env = services.up(state_dir)
     services.apply_environment(state_dir)
     print(f"S3 endpoint {env['AWS_ENDPOINT_URL']}, MLflow {env['MLFLOW_TRACKING_URI']}")
 
-    _stage("demo data")
+    _header("demo data")
     summary = make_demo_data(config.data)
     print(f"{summary['images']} images, {len(summary['categories'])} classes -> {config.data.out}")
+    print(f"object storage round trip through {s3_round_trip(config.root)}: ok")
 
-    _stage("object storage")
-    url = s3_round_trip(config.root)
-    print(f"round trip through {url}: ok")
-
-    print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
-    print(f"  demo data:   {Path(config.data.out).resolve()}")
-    print(f"  S3 endpoint: {env['AWS_ENDPOINT_URL']} (root {config.root})")
-    print("  stop the services with: enat services down")
+    paths = DemoPaths(config)
+    write_captions(paths)
+    timings = {}
+    try:
+        for stage in stages(config, paths):
+            began = time.monotonic()
+            run_stage(stage)
+            timings[stage.title] = time.monotonic() - began
+    except DemoError as err:
+        print(f"\nenat: error: {err}", file=sys.stderr)
+        return 1
+    _header("summary")
+    table = write_summary(config, paths, env["MLFLOW_TRACKING_URI"], time.monotonic() - started)
+    print(table)
+    print(json.dumps({"stage_seconds": {k: round(v, 1) for k, v in timings.items()}}, indent=1))
     return 0

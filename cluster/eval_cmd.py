@@ -15,6 +15,7 @@ MLflow never draws values from different extractors on one chart.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -140,6 +141,7 @@ class FloorConfig:
     limit: int = 0
     seed: int = 0
     device: str = "auto"
+    out: str = ""  # also write the result as JSON here (path or URL)
 
     def __post_init__(self) -> None:
         check(bool(self.images), "images", "a real image set", self.images)
@@ -149,9 +151,12 @@ def _floor(config: FloorConfig, _args: argparse.Namespace) -> int:
     from evaluation.evaluate import metrics_line
     from evaluation.image_sets import ImageSet, read_all
     from evaluation.metrics import load_extractor, real_floor
+    from pipelines import storage
 
     images, _ = read_all(ImageSet(config.images, config.resolution, limit=config.limit))
     result = real_floor(images, load_extractor(config.extractor, config.device), config.seed)
+    if config.out:
+        storage.write_bytes(config.out, json.dumps(result, indent=1).encode())
     print(f"real vs real ({result['num_samples']} vs {result['reference_images']} images): "
           f"{metrics_line(result)}  [extractor {result['extractor_id']}]")
     return 0

@@ -28,8 +28,6 @@ import hashlib
 import json
 import math
 import os
-import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -48,6 +46,7 @@ from pipelines import storage
 from pipelines.tracking import Tracker
 from trainer import checkpoint
 from trainer.data import Batch, DataConfig, StreamPosition, TokenStream, open_dataset
+from trainer.distributed import import_deepspeed, init_distributed
 from trainer.ema import EMA
 from trainer.metrics import Meter, matmul_peak, train_flops_per_sample
 from trainer.validation import ValidationConfig, validation_batch, validation_loss
@@ -121,31 +120,6 @@ def derived_seed(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def _import_deepspeed() -> Any:
-    import deepspeed
-
-    if not torch.cuda.is_available():
-        # The CPU backend JIT-builds a shared-memory op (used only by inference all-reduce)
-        # at init: 80-155 s of C++ compilation we do not need.
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    return deepspeed
-
-
-def _init_distributed() -> None:
-    """Join the launcher's process group, or create a one-process one. The group lives as
-    long as the process: DeepSpeed caches groups, so it must not be destroyed and remade."""
-    deepspeed = _import_deepspeed()
-    if dist.is_initialized():
-        return
-    if "WORLD_SIZE" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-
-
 def lr_factor(config: TrainConfig) -> Callable[[int], float]:
     """LambdaLR factor; optimizer step n (1-based) uses factor(n - 1)."""
     def factor(index: int) -> float:
@@ -161,7 +135,7 @@ def lr_factor(config: TrainConfig) -> Callable[[int], float]:
 
 class Trainer:
     def __init__(self, config: TrainConfig):
-        deepspeed = _import_deepspeed()
+        deepspeed = import_deepspeed()
         self.config = config
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if torch.cuda.is_available():
@@ -404,5 +378,5 @@ def train(config: TrainConfig, until_step: int | None = None,
     `until_step` stops early after that step (a checkpoint is written there), as a
     preemption would; `on_checkpoint(step, url, metrics)` runs on every rank after each
     checkpoint is published (the Ray launcher reports to Ray Train from it)."""
-    _init_distributed()
+    init_distributed()
     return Trainer(config).run(until_step, on_checkpoint)

@@ -1,0 +1,54 @@
+"""`enat demo`'s plan and summary. The whole demo runs as `make demo` (its figures are in
+the README); here: every stage's command is valid for the real CLI, a stage whose output
+exists is skipped, a failing stage stops the demo with a clear error, and the summary
+reads the stages' own outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.cli import command_config, parse
+from cluster.demo import DemoConfig, DemoError, DemoPaths, Stage, run_stage, stages
+from cluster.demo_summary import collect, render
+from cluster.train_cmd import load_train_config
+
+
+def test_every_stage_command_is_valid_for_the_cli(tmp_path):
+    config = DemoConfig(work_dir=str(tmp_path / "out"))
+    planned = stages(config, DemoPaths(config))
+    assert len(planned) == 14
+    for stage in planned:
+        args = parse(stage.args)
+        if stage.args[0] == "train":
+            train, launch, evals = load_train_config(args.config, args.overrides)
+            assert launch.num_workers == 2 and train.zero_stage == 2
+            assert evals.watch == ("text" not in train.run)
+        else:
+            command_config(args)  # raises ConfigError on a bad key or value
+
+
+def test_done_stages_are_skipped_and_failures_stop_the_demo(capsys):
+    run_stage(Stage("finished", lambda: True, ["no-such-command"]))
+    assert "skipped" in capsys.readouterr().out
+    with pytest.raises(DemoError, match="stage 'broken' failed"):
+        run_stage(Stage("broken", lambda: False, ["data", "demo", "bogus=1"]))
+
+
+def test_summary_reads_the_stage_outputs(tmp_path):
+    config = DemoConfig(work_dir=str(tmp_path), root=str(tmp_path / "root"), skip_text=True)
+    paths = DemoPaths(config)
+    for name, fid, steps in (("default-8", 4.0, 8), ("searched-8", 3.0, 8), ("searched-4", 3.5, 4)):
+        folder = tmp_path / "eval" / name
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({
+            "fid": fid, "kid": 0.01, "steps": steps, "extractor_id": "domain-abc", "num_samples": 1000,
+            "gflops_per_image": 0.1 * steps, "gflops_per_image_with_decoder": 0.2 * steps,
+            "images_per_s": 50.0, "grid": str(folder / "grid.png")}))
+    (tmp_path / "floor.json").write_text(json.dumps({"fid": 0.5, "kid": 0.0, "num_samples": 950,
+                                                     "reference_images": 951}))
+    table = render(collect(config, paths), "sqlite:///x.db", 600.0)
+    assert "| searched-8 | 8 | 3.000 |" in table and "| real vs real (floor) | - | 0.500 |" in table
+    assert "FID 3.000 vs 4.000 (+25.0% better)" in table
+    assert "mlflow ui --backend-store-uri sqlite:///x.db" in table
