@@ -134,7 +134,9 @@ def run_search_train(config: Any, launch: Any, search: TrainSearchConfig) -> dic
 
     experiment_url = checkpoint.run_url(config.root, search.name)
     storage.check_writable(experiment_url)
-    if "RAY_ADDRESS" not in os.environ:  # a local Ray: one trial_slot per concurrent trial
+    if ray.is_initialized():
+        owns_ray = False  # the caller's Ray: it must declare trial_slot resources
+    elif "RAY_ADDRESS" not in os.environ:  # a local Ray: one trial_slot per concurrent trial
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", include_dashboard=False,
                  num_cpus=max(os.cpu_count() or 1, math.ceil(search.concurrency * launch.num_workers

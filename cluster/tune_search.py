@@ -136,44 +136,50 @@ def run_search(objective_factory: ObjectiveFactory, initial: Strategy, settings:
                callbacks: list | None = None, max_temperature: float = 5.0,
                max_cfg: float = 10.0) -> dict[str, Any]:
     """Run the experiment; returns the best strategy, its FID and per-trial results."""
-    start_ray(quiet=True)
-    if searcher == "autonat":
-        search = load_or_start(state_url, initial, hyper)
-        algorithm: Searcher = AutoNATSearcher(search, updates, state_url)
-        num_samples = -1  # until the searcher says FINISHED
-    elif searcher == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
+    owns_ray = start_ray(quiet=True)
+    try:
+        if searcher == "autonat":
+            search = load_or_start(state_url, initial, hyper)
+            algorithm: Searcher = AutoNATSearcher(search, updates, state_url)
+            num_samples = -1  # until the searcher says FINISHED
+        elif searcher == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
 
-        algorithm = OptunaSearch(metric="fid", mode="min", seed=seed,
-                                 points_to_evaluate=[named_point(initial)])
-        num_samples = evaluations or updates * (4 * initial.steps - 1)
-    else:
-        raise ValueError(f"unknown searcher '{searcher}' (autonat or optuna)")
-    param_space = {} if searcher == "autonat" else search_space(initial.steps, max_temperature, max_cfg)
-    trainable = tune.with_resources(
-        tune.with_parameters(trial, objective_factory=objective_factory, seed=seed),
-        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
-    tuner = tune.Tuner(
-        trainable, param_space=param_space,
-        tune_config=tune.TuneConfig(search_alg=algorithm, num_samples=num_samples,
-                                    max_concurrent_trials=settings.concurrency,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(name=settings.name, storage_path=os.path.abspath(settings.local_dir),
-                                  callbacks=callbacks or [], verbose=0),
-    )
-    results = tuner.fit()
-    if isinstance(algorithm, AutoNATSearcher) and algorithm.failed:
-        errors = [str(r.error).splitlines()[-1] for r in results if r.error]
-        raise RuntimeError(f"strategy evaluations keep failing: {errors[-1] if errors else 'unknown'}")
-    trials = [{"fid": r.metrics.get("fid"), "config": r.config} for r in results
-              if r.metrics and "fid" in r.metrics]
-    if searcher == "autonat":
-        best, best_fid = algorithm.search.best()
-        return {"best": best, "best_fid": best_fid, "trials": trials,
-                "history": algorithm.search.history, "final": algorithm.search.strategy()}
-    top = min(trials, key=lambda t: t["fid"])
-    return {"best": strategy_of(top["config"]), "best_fid": top["fid"], "trials": trials,
-            "history": [], "final": strategy_of(top["config"])}
+            algorithm = OptunaSearch(metric="fid", mode="min", seed=seed,
+                                     points_to_evaluate=[named_point(initial)])
+            num_samples = evaluations or updates * (4 * initial.steps - 1)
+        else:
+            raise ValueError(f"unknown searcher '{searcher}' (autonat or optuna)")
+        param_space = {} if searcher == "autonat" else search_space(initial.steps, max_temperature, max_cfg)
+        trainable = tune.with_resources(
+            tune.with_parameters(trial, objective_factory=objective_factory, seed=seed),
+            {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(search_alg=algorithm, num_samples=num_samples,
+                                        max_concurrent_trials=settings.concurrency,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(name=settings.name, storage_path=os.path.abspath(settings.local_dir),
+                                      callbacks=callbacks or [], verbose=0),
+        )
+        results = tuner.fit()
+        if isinstance(algorithm, AutoNATSearcher) and algorithm.failed:
+            errors = [str(r.error).splitlines()[-1] for r in results if r.error]
+            raise RuntimeError(f"strategy evaluations keep failing: {errors[-1] if errors else 'unknown'}")
+        trials = [{"fid": r.metrics.get("fid"), "config": r.config} for r in results
+                  if r.metrics and "fid" in r.metrics]
+        if searcher == "autonat":
+            best, best_fid = algorithm.search.best()
+            return {"best": best, "best_fid": best_fid, "trials": trials,
+                    "history": algorithm.search.history, "final": algorithm.search.strategy()}
+        top = min(trials, key=lambda t: t["fid"])
+        return {"best": strategy_of(top["config"]), "best_fid": top["fid"], "trials": trials,
+                "history": [], "final": strategy_of(top["config"])}
+    finally:
+        if owns_ray:  # a search started from the CLI leaves no Ray behind
+            import ray
+
+            ray.shutdown()
 
 
 def named_point(strategy: Strategy, low: float = 1e-4) -> dict[str, float]:

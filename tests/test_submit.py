@@ -73,6 +73,9 @@ def enat(*args, env=None):
 
 
 def test_entrypoint_and_environment_never_carry_secrets(monkeypatch):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "ENAT_STATE_DIR",
+                 "RAY_AUTH_MODE"):  # settings other tests may have left in this process
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "S3CRET")
     command = ["--", "enat", "data", "demo", "limit=3"]
