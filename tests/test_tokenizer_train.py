@@ -20,7 +20,8 @@ from pipelines.demo_data import DemoDataConfig, make_demo_data
 from pipelines.model_io import load_model
 from trainer import checkpoint
 from trainer.image_data import held_out_score, load_image_set
-from trainer.tokenizer_train import TokenizerTrainConfig, codebook_stats, psnr, train_tokenizer
+from trainer.tokenizer_quality import codebook_stats, psnr
+from trainer.tokenizer_train import TokenizerTrainConfig, train_tokenizer
 
 # A few steps of batch 4 keep each run at a few seconds on 2 cores.
 FAST = dict(steps=6, batch_size=4, warmup_steps=2, log_every=2, eval_every=2, checkpoint_every=2,
@@ -244,11 +245,12 @@ def test_missing_source_exits_2(tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_demo_configuration_quality(tmp_path, mlflow_db) -> None:
-    """The defaults (the demo's configuration: 1,600 steps of 8, ~4 min on one core) on all
-    1,903 demo emoji at 32x32. The issue's target of 24 dB does not fit that budget: this run
-    measured 21.3 dB with 100% of the codes in use, so the bound is 20.5 dB (and >= 50% usage)."""
+    """The defaults (the demo's configuration: 1,800 steps of 8, ~4 min on one core) on all
+    1,903 demo emoji at 32x32. The issue's target of 24 dB needs the long setting (steps=12000,
+    ~25 min: 24.16 dB), which is too slow for CI; the defaults measured 21.86 dB with 100% of
+    the codes in use, so the bound is 20.8 dB (and >= 50% usage)."""
     data = make_demo_data(DemoDataConfig(out=str(tmp_path / "demo")), progress=False)
     config = TokenizerTrainConfig(source=str(Path(data["imagenet"]) / "train"), root=str(tmp_path / "root"))
     result = train(config)
-    assert result.evaluation.psnr >= 20.5
+    assert result.evaluation.psnr >= 20.8
     assert result.evaluation.codebook_usage >= 0.5 and result.evaluation.perplexity >= 128
