@@ -79,20 +79,23 @@ class TokenizerTrainConfig:
     run: str = "tokenizer"
     model: str = "models/tiny-tokenizer"  # preset of a `kind: vqgan` model
     # Defaults = the demo configuration, sized for the demo's ~4-5 min tokenizer stage on one
-    # thread (held-out figures on the 1,903 demo emoji, measured with l2_weight 5):
-    #   steps=1800 (default)  ~22 dB  ~4 min;  steps=2000  22.05 dB  4.4-5.3 min
-    #   steps=8000            23.83 dB  17.5 min;  steps=12000  (the >= 24 dB setting) see below
-    # Quality grows ~0.9 dB per doubling of steps; the 24 dB needs the long setting:
-    #   enat tokenizer train ... steps=12000
-    # Small batches win on CPU: at equal compute batch 8 beat batch 16 by 0.9 dB, which beat
-    # batch 32 by 1.3 dB (batch 4 at equal compute: -0.5 dB).
+    # thread. Held-out PSNR on the 1,903 demo emoji (all with 100% of the 256 codes in use):
+    #   steps=1800 (default)  21.86 dB   4.0 min
+    #   steps=2000            22.05 dB   4.4-5.3 min (the other core busy)
+    #   steps=8000            23.83 dB  17.5 min
+    #   steps=12000           24.16 dB  24.8 min   <- the setting for the issue's >= 24 dB
+    #   steps=16000           24.28 dB  34 min
+    # i.e. `enat tokenizer train ... steps=12000`. The gain per doubling of steps falls from
+    # ~1.3 dB (800 -> 1,600) to ~0.45 dB (8,000 -> 16,000). Small batches win on CPU: at
+    # equal compute batch 8 beat batch 16 by 0.9 dB, which beat batch 32 by 1.3 dB.
     steps: int = 1800
     batch_size: int = 8
     lr: float = 2e-3  # 3e-3: -0.2 dB at 800 steps; 1e-3: -0.3 dB at 1,200 steps
     warmup_steps: int = 100  # linear warmup, then cosine decay to 0 at `steps`
-    # L1 drives most of the early progress (its gradient does not shrink with the error);
-    # a heavier L2 then pulls the mean squared error, i.e. PSNR: over 3 seeds at 800 steps
-    # l2_weight 2 or 5 gained +0.35 dB on 1, 20 lost it again; l1 or l2 alone: -0.5/-1.7 dB.
+    # PSNR is an MSE figure, so L2 carries it, while L1 (a gradient that does not shrink
+    # with the error) keeps edges moving: with seed 0 at 800 steps, L2 alone lost 0.5 dB
+    # and L1 alone 1.7 dB. Over 3 seeds at 800 steps l2_weight 2 or 5 gained 0.35 dB over 1
+    # (at 2,000 steps l2_weight 5 gained 0.4 dB), 20 lost it again (seed 0).
     l1_weight: float = 1.0
     l2_weight: float = 5.0
     codebook_weight: float = 1.0
