@@ -8,9 +8,10 @@ tiny CPU-sized models; the paper sizes live in configs/models/*.yaml.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from models.typed_config import ConfigError, check, from_dict, to_dict
 
@@ -25,7 +26,7 @@ class VQGANConfig:
 
     codebook_size: int = 256
     code_dim: int = 16  # also the encoder's output channels: there is no quant_conv
-    base_channels: int = 32  # GroupNorm uses 32 groups, so every width is a multiple of 32
+    base_channels: int = 32  # every width is a multiple of norm_groups
     channel_mult: tuple[int, ...] = (1, 2, 1)
     num_res_blocks: int = 1
     in_channels: int = 3
@@ -35,16 +36,37 @@ class VQGANConfig:
     # Training-time option (ViT-VQGAN): match and look up codes on the unit sphere. The
     # released weights were trained without it, so it must stay off for them.
     l2_normalize_codes: bool = False
+    # "vq": a learned codebook (the released weights); "fsq": finite scalar quantization
+    # with `fsq_levels` values per latent channel, so code_dim = len(fsq_levels) and
+    # codebook_size = their product.
+    quantizer: Literal["vq", "fsq"] = "vq"
+    fsq_levels: tuple[int, ...] = ()
+    # GroupNorm groups; the released weights use 32. At 32 channels, 32 groups normalise
+    # every channel alone, which makes absolute colour hard to carry for tiny models.
+    norm_groups: int = 32
 
     def __post_init__(self) -> None:
         check(self.codebook_size >= 2, "codebook_size", ">= 2", self.codebook_size)
+        if self.quantizer == "fsq":
+            check(len(self.fsq_levels) >= 1 and all(n >= 2 for n in self.fsq_levels), "fsq_levels",
+                  "one or more level counts, each >= 2", self.fsq_levels)
+            check(self.code_dim == len(self.fsq_levels), "code_dim",
+                  f"len(fsq_levels) = {len(self.fsq_levels)} for quantizer fsq", self.code_dim)
+            check(self.codebook_size == math.prod(self.fsq_levels), "codebook_size",
+                  f"the product of fsq_levels ({math.prod(self.fsq_levels)}) for quantizer fsq",
+                  self.codebook_size)
+            check(not self.l2_normalize_codes, "l2_normalize_codes", "false for quantizer fsq",
+                  self.l2_normalize_codes)
+        else:
+            check(not self.fsq_levels, "fsq_levels", "empty unless quantizer is fsq", self.fsq_levels)
         check(self.code_dim >= 1, "code_dim", ">= 1", self.code_dim)
         check(len(self.channel_mult) >= 1, "channel_mult", "non-empty", self.channel_mult)
         widths = [self.base_channels * m for m in self.channel_mult]
+        check(self.norm_groups >= 1, "norm_groups", ">= 1", self.norm_groups)
         check(
-            self.base_channels % 32 == 0 and all(w % 32 == 0 and w > 0 for w in widths),
+            all(w % self.norm_groups == 0 and w > 0 for w in [self.base_channels, *widths]),
             "base_channels",
-            "a multiple of 32 (GroupNorm(32)) with positive channel_mult",
+            f"a multiple of norm_groups ({self.norm_groups}) with positive channel_mult",
             self.base_channels,
         )
         check(self.num_res_blocks >= 1, "num_res_blocks", ">= 1", self.num_res_blocks)

@@ -6,6 +6,10 @@ nearest x2 + 3x3 conv upsampling, `num_res_blocks` blocks per decoder level, and
 block whose channel-changing shortcut is applied to the residual branch's output (as in
 MaskGIT's JAX ResBlock), not to the block input.
 
+Two quantizers sit between encoder and decoder: the released weights use `VectorQuantizer`
+(a learned codebook); `FSQuantizer` (finite scalar quantization) is the option for
+tokenizers trained here for generation (see configs/models/tiny-tokenizer.yaml for why).
+
 Images are float RGB in [0, 1], NCHW; token ids are [B, h, w] long.
 """
 
@@ -19,8 +23,8 @@ from torch import Tensor, nn
 from models.config import VQGANConfig
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 def _conv3x3(in_channels: int, out_channels: int, bias: bool = False) -> nn.Conv2d:
@@ -28,11 +32,11 @@ def _conv3x3(in_channels: int, out_channels: int, bias: bool = False) -> nn.Conv
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int):
         super().__init__()
-        self.norm1 = _group_norm(in_channels)
+        self.norm1 = _group_norm(in_channels, groups)
         self.conv1 = _conv3x3(in_channels, out_channels)
-        self.norm2 = _group_norm(out_channels)
+        self.norm2 = _group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _conv3x3(out_channels, out_channels)
         changes_width = in_channels != out_channels
@@ -53,8 +57,14 @@ def _in_out(widths: list[int], first_in: int) -> list[tuple[int, int]]:
 
 
 def _level(in_channels: int, out_channels: int, config: VQGANConfig) -> nn.Sequential:
-    blocks = [ResBlock(in_channels, out_channels, config.dropout)]
-    blocks += [ResBlock(out_channels, out_channels, config.dropout) for _ in range(config.num_res_blocks - 1)]
+    blocks = [ResBlock(in_channels, out_channels, config.dropout, config.norm_groups)]
+    blocks += [ResBlock(out_channels, out_channels, config.dropout, config.norm_groups)
+               for _ in range(config.num_res_blocks - 1)]
+    return nn.Sequential(*blocks)
+
+
+def _mid(channels: int, config: VQGANConfig) -> nn.Sequential:
+    blocks = (ResBlock(channels, channels, config.dropout, config.norm_groups) for _ in range(2))
     return nn.Sequential(*blocks)
 
 
@@ -66,8 +76,8 @@ class Encoder(nn.Module):
         self.stem = _conv3x3(config.in_channels, config.base_channels)
         self.levels = nn.ModuleList(_level(i, o, config) for i, o in _in_out(widths, config.base_channels))
         self.downsample = nn.AvgPool2d(2)
-        self.mid = nn.Sequential(ResBlock(top, top, config.dropout), ResBlock(top, top, config.dropout))
-        self.out_norm = _group_norm(top)
+        self.mid = _mid(top, config)
+        self.out_norm = _group_norm(top, config.norm_groups)
         self.out_conv = nn.Conv2d(top, config.code_dim, kernel_size=1)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -97,10 +107,10 @@ class Decoder(nn.Module):
         widths = [config.base_channels * m for m in reversed(config.channel_mult)]
         top = widths[0]
         self.stem = _conv3x3(config.code_dim, top, bias=True)
-        self.mid = nn.Sequential(ResBlock(top, top, config.dropout), ResBlock(top, top, config.dropout))
+        self.mid = _mid(top, config)
         self.levels = nn.ModuleList(_level(i, o, config) for i, o in _in_out(widths, top))
         self.upsamplers = nn.ModuleList(Upsample(w) for w in widths[:-1])
-        self.out_norm = _group_norm(widths[-1])
+        self.out_norm = _group_norm(widths[-1], config.norm_groups)
         self.out_conv = _conv3x3(widths[-1], config.out_channels, bias=True)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -153,6 +163,49 @@ class VectorQuantizer(nn.Module):
         return quantized.to(z.dtype), ids.view(batch, height, width), codebook_loss, commitment_loss
 
 
+class FSQuantizer(nn.Module):
+    """Finite scalar quantization (Mentzer et al., 2023): each of the `len(levels)` latent
+    channels is squashed into a bounded range and rounded to one of `levels[i]` values; the
+    id is the mixed-radix number of those values. There is no codebook to learn, collapse
+    or restart, and equal latents always give one id (a flat white patch is one token).
+    Codes are the rounded values scaled into [-1, 1]."""
+
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        levels = torch.tensor(config.fsq_levels, dtype=torch.long)
+        # Non-persistent: derived from the config, so state dicts hold no FSQ entries.
+        self.register_buffer("levels", levels, persistent=False)
+        self.register_buffer("radix", torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0),
+                             persistent=False)
+
+    def _bound(self, z: Tensor) -> Tensor:
+        """Channel-wise squash so that rounding yields exactly `levels[i]` integer values,
+        centred on 0 (even level counts take the half-integer grid, shifted by 0.5)."""
+        levels = self.levels.to(z.dtype).view(1, -1, 1, 1)
+        half = (levels - 1) * (1 + 1e-3) / 2
+        offset = torch.where(self.levels.view(1, -1, 1, 1) % 2 == 0, 0.5, 0.0).to(z.dtype)
+        return torch.tanh(z + torch.atanh(offset / half)) * half - offset
+
+    def _scale(self) -> Tensor:
+        return (self.levels // 2).view(1, -1, 1, 1).float()
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        """ids [B, h, w] -> code vectors [B, len(levels), h, w] in [-1, 1]."""
+        digits = (ids.unsqueeze(1) // self.radix.view(1, -1, 1, 1)) % self.levels.view(1, -1, 1, 1)
+        return (digits - self.levels.view(1, -1, 1, 1) // 2).float() / self._scale()
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Same contract as VectorQuantizer.forward; both auxiliary losses are zero."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            bounded = self._bound(z.float())
+            rounded = bounded + (bounded.round() - bounded).detach()  # straight-through
+            digits = rounded.detach().long() + self.levels.view(1, -1, 1, 1) // 2
+            ids = (digits * self.radix.view(1, -1, 1, 1)).sum(dim=1)
+            quantized = rounded / self._scale()
+        zero = z.new_zeros((), dtype=torch.float32)
+        return quantized.to(z.dtype), ids, zero, zero
+
+
 class VQGAN(nn.Module):
     """encode(images [B, 3, H, W] in [0, 1]) -> ids [B, h, w]; decode(ids) -> images (unclamped)."""
 
@@ -161,7 +214,7 @@ class VQGAN(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quantizer = VectorQuantizer(config)
+        self.quantizer = FSQuantizer(config) if config.quantizer == "fsq" else VectorQuantizer(config)
 
     def quantize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.quantizer(z)

@@ -307,7 +307,7 @@ class _TokenizerTraining:
         self.optimizer.step()
         self.last_used[ids.unique().cpu()] = step
         restarted = 0
-        if config.dead_code_steps:
+        if config.dead_code_steps and model.config.quantizer == "vq":  # FSQ has no codes to restart
             restarted = restart_dead_codes(model, encodings, self.last_used, step, config.dead_code_steps,
                                            _generator(config.seed, "restart", step))
         return {**{k: v.item() for k, v in terms.items()}, "restarted_codes": restarted}, ids
