@@ -9,7 +9,6 @@ minutes on 2 CPU cores; they are demo sizes, not a recipe for quality.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
@@ -35,13 +34,14 @@ class DemoConfig:
     data: DemoDataConfig = field(default_factory=lambda: DemoDataConfig(out="demo-out/data"))
     tokenizer_steps: int = 1600
     extractor_epochs: int = 12
-    train_steps: int = 1000  # tiny ENAT, 2 Ray workers
-    checkpoint_every: int = 500  # each checkpoint is evaluated as it lands
+    train_steps: int = 1500  # tiny ENAT and, for the comparison, tiny NAT; 2 Ray workers each
+    checkpoint_every: int = 750  # each ENAT checkpoint is evaluated as it lands
     watch_samples: int = 200  # images per checkpoint evaluation
-    search_updates: int = 4  # AutoNAT updates of each search (4T-1 evaluations each)
+    search_updates: int = 2  # AutoNAT updates of each search (4T-1 evaluations each)
     search_samples: int = 200  # images per search evaluation
     final_samples: int = 1000  # images of the final evaluations (fresh seeds)
-    text_steps: int = 400  # the text-to-image model on the CC3M-style shards
+    text_steps: int = 600  # the text-to-image model on the CC3M-style shards
+    text_samples: int = 200  # images of the text-to-image evaluation
     skip_text: bool = False
 
 
@@ -50,6 +50,9 @@ class Stage:
     title: str
     done: Callable[[], bool]  # its output exists: skip it
     args: list[str]  # `enat` arguments
+    # Runs beside the next stage (one core each; its output goes to a log file): for a
+    # one-threaded stage that the next one does not need.
+    beside_next: bool = False
 
 
 class DemoError(RuntimeError):
@@ -60,18 +63,49 @@ def _header(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
+def _command(stage: Stage) -> list[str]:
+    print("$ enat " + " ".join(shlex.quote(arg) for arg in stage.args), flush=True)
+    return [sys.executable, "-m", "cluster.cli", *stage.args]
+
+
+def _check(stage: Stage, code: int, log: Path | None = None) -> None:
+    if code != 0 or not stage.done():
+        where = f" (its output: {log})" if log else ""
+        raise DemoError(f"stage '{stage.title}' failed (exit {code}){where}; fix the cause and rerun "
+                        f"`enat demo`: finished stages are kept")
+
+
 def run_stage(stage: Stage) -> None:
     _header(stage.title)
     if stage.done():
         print("done before: skipped", flush=True)
         return
-    print("$ enat " + " ".join(shlex.quote(arg) for arg in stage.args), flush=True)
     started = time.monotonic()
-    code = subprocess.run([sys.executable, "-m", "cluster.cli", *stage.args], check=False).returncode
-    if code != 0 or not stage.done():
-        raise DemoError(f"stage '{stage.title}' failed (exit {code}); fix the cause and rerun "
-                        f"`enat demo`: finished stages are kept")
+    _check(stage, subprocess.run(_command(stage), check=False).returncode)
     print(f"({time.monotonic() - started:.0f} s)", flush=True)
+
+
+def run_beside(first: Stage, second: Stage, log_dir: Path) -> None:
+    """`first` in the background (output to a log file) while `second` runs as usual."""
+    if first.done():
+        _header(first.title)
+        print("done before: skipped", flush=True)
+        run_stage(second)
+        return
+    _header(f"{first.title} (in the background, beside the next stage)")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{first.args[0]}-{first.args[1]}.log"
+    started = time.monotonic()
+    with open(log, "w") as out:
+        # One thread: the stage beside it has the other core.
+        background = subprocess.Popen(_command(first), stdout=out, stderr=subprocess.STDOUT,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            run_stage(second)
+        finally:
+            code = background.wait()
+    _check(first, code, log)
+    print(f"({first.title}: {time.monotonic() - started:.0f} s, log {log})", flush=True)
 
 
 def s3_round_trip(root: str) -> str:
@@ -99,10 +133,11 @@ class DemoPaths:
         self.reference = storage.join(root, "reference", "imagenet-domain.npz")
         self.floor = os.path.join(work, "floor.json")
         self.run = storage.join(root, "runs", "tiny-enat-demo")
+        self.nat_run = storage.join(root, "runs", "tiny-nat-demo")
         self.text_run = storage.join(root, "runs", "tiny-enat-text-demo")
         self.evals = os.path.join(work, "eval")
         self.captions = os.path.join(work, "captions.txt")
-        self.text_samples = os.path.join(work, "samples", "text")
+        self.logs = Path(work) / "logs"
 
     def checkpoint(self, run_url: str, step: int) -> str:
         return storage.join(run_url, "checkpoints", f"step-{step}")
@@ -123,20 +158,21 @@ def _evaluated(paths: DemoPaths, step: int) -> Callable[[], bool]:
 
 def stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
     final = paths.checkpoint(paths.run, config.train_steps)
+    nat_final = paths.checkpoint(paths.nat_run, config.train_steps)
     domain = [f"reference={paths.reference}", f"extractor={paths.extractor}"]
     search = ["search", final, *domain, f"updates={config.search_updates}",
               f"num_samples={config.search_samples}", f"batch_size={config.search_samples}"]
-    evaluate = ["eval", "checkpoint", final, *domain, f"num_samples={config.final_samples}",
+    evaluate = ["eval", "checkpoint", *domain, f"num_samples={config.final_samples}",
                 f"seed={FRESH_SEED}", "batch_size=250", "isc=false"]
     found = [
+        Stage("domain feature extractor (FID features and class consistency for the emoji)",
+              _exists(storage.join(paths.extractor, "extractor.json")),
+              ["eval", "train-features", "--data", paths.images, "--out", paths.extractor,
+               f"epochs={config.extractor_epochs}"], beside_next=True),
         Stage("tokenizer training (VQGAN, 32x32 -> 8x8 ids)",
               _exists(storage.join(paths.tokenizer, "config.json")),
               ["tokenizer", "train", "--source", os.path.join(paths.images, "train"), "--root", config.root,
-               "--run", "tokenizer", f"steps={config.tokenizer_steps}"]),
-        Stage("domain feature extractor (FID features for the emoji)",
-              _exists(storage.join(paths.extractor, "extractor.json")),
-              ["eval", "train-features", "--data", paths.images, "--out", paths.extractor,
-               f"epochs={config.extractor_epochs}"]),
+               "--run", "tokenizer", f"steps={config.tokenizer_steps}", "dead_code_steps=0"]),
         Stage("pretokenize the ImageNet-style tree to S3",
               _exists(storage.join(paths.tokens, "manifest.json")),
               ["pretokenize", f"source=imagenet:{paths.images}", f"out={paths.tokens}",
@@ -158,49 +194,70 @@ def stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
                "eval.watch=true", f"eval.reference={paths.reference}", f"eval.extractor={paths.extractor}",
                f"eval.num_samples={config.watch_samples}", f"eval.batch_size={config.watch_samples}",
                "eval.num_cpus=0.5"]),
+        Stage("tiny NAT training (the baseline: same width, depth, shards and steps)",
+              _exists(storage.join(nat_final, "checkpoint.json")),
+              ["train", "--config", "tiny-nat-demo", f"root={config.root}", f"data.url={paths.tokens}",
+               f"steps={config.train_steps}", f"checkpoint_every={config.checkpoint_every}"]),
         Stage("AutoNAT search, 8 steps", _exists(storage.join(paths.search(8), "summary.json")),
               [*search, "--steps", "8", "name=autonat-8"]),
         Stage("AutoNAT search, 4 steps", _exists(storage.join(paths.search(4), "summary.json")),
               [*search, "--steps", "4", "name=autonat-4"]),
     ]
-    for name, strategy, steps in (("default-8", "default", 8),
-                                  ("searched-8", storage.join(paths.search(8), "strategy.yaml"), 8),
-                                  ("searched-4", storage.join(paths.search(4), "strategy.yaml"), 4)):
+    for name, checkpoint, strategy, steps in final_evaluations(paths, final, nat_final):
         out = os.path.join(paths.evals, name)
-        found.append(Stage(f"final evaluation on fresh seeds: {name}",
-                           lambda out=out: os.path.exists(os.path.join(out, "metrics.json")),
-                           [*evaluate, f"strategy={strategy}", f"steps={steps}", f"out={out}",
-                            f"run_name=demo-{name}"]))
+        found.append(Stage(f"final evaluation on fresh seeds: {name}", _evaluated_to(out),
+                           [evaluate[0], evaluate[1], checkpoint, *evaluate[2:], f"strategy={strategy}",
+                            f"steps={steps}", f"out={out}", f"run_name=demo-{name}"]))
     if not config.skip_text:
         found += text_stages(config, paths)
     return found
 
 
+def final_evaluations(paths: DemoPaths, enat: str, nat: str) -> list[tuple[str, str, str, int]]:
+    """(row name, checkpoint, strategy, steps) of the final evaluations: ENAT with the
+    default and the searched strategies, NAT with the default one."""
+    return [("default-8", enat, "default", 8),
+            ("searched-8", enat, storage.join(paths.search(8), "strategy.yaml"), 8),
+            ("searched-4", enat, storage.join(paths.search(4), "strategy.yaml"), 4),
+            ("nat-default-8", nat, "default", 8)]
+
+
+def _evaluated_to(out: str) -> Callable[[], bool]:
+    return lambda: os.path.exists(os.path.join(out, "metrics.json"))
+
+
 def text_stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
-    """Text to image: a tiny text-conditioned ENAT on the caption shards, sampled from captions."""
+    """Text to image: a tiny text-conditioned ENAT on the caption shards, evaluated on
+    captions (FID, and class consistency through the category each caption names)."""
     final = paths.checkpoint(paths.text_run, config.text_steps)
+    out = os.path.join(paths.evals, "text")
     return [
         Stage("tiny text-to-image ENAT training on the CC3M-style shards",
               _exists(storage.join(final, "checkpoint.json")),
               ["train", "--config", "tiny-enat-text-demo", f"root={config.root}",
                f"data.url={paths.text_tokens}", f"steps={config.text_steps}"]),
-        Stage("text-to-image samples from captions", _exists(os.path.join(paths.text_samples, "grid.png")),
-              ["sample", final, f"captions={paths.captions}", "num_samples=16", "batch_size=16",
-               f"out={paths.text_samples}"]),
+        Stage("text-to-image evaluation from captions", _evaluated_to(out),
+              ["eval", "checkpoint", final, f"reference={paths.reference}", f"extractor={paths.extractor}",
+               f"captions={paths.captions}", f"num_samples={config.text_samples}",
+               f"batch_size={config.text_samples}", f"seed={FRESH_SEED}", "isc=false", f"out={out}",
+               "run_name=demo-text"]),
     ]
 
 
-def write_captions(paths: DemoPaths) -> None:
-    """Captions to sample from: one emoji name per class, twice (16+ grid cells)."""
+def write_captions(paths: DemoPaths, per_class: int = 8) -> None:
+    """Captions to sample from, `caption<TAB>category` per line: the names of the first
+    `per_class` emoji of every category, class by class (the grid shows a row per caption
+    block). The category is what class consistency checks the sample against."""
     from pipelines.demo_data import list_emoji
 
-    seen, lines = set(), []
+    chosen: dict[str, list[str]] = {}
     for emoji in list_emoji():
-        if emoji.category not in seen:
-            seen.add(emoji.category)
-            lines.append(emoji.name)
+        names = chosen.setdefault(emoji.category, [])
+        if len(names) < per_class:
+            names.append(emoji.name)
+    lines = [f"{name}\t{category}" for category, names in chosen.items() for name in names]
     Path(paths.captions).parent.mkdir(parents=True, exist_ok=True)
-    Path(paths.captions).write_text("\n".join(lines * 2) + "\n")
+    Path(paths.captions).write_text("\n".join(lines) + "\n")
 
 
 def run_demo(config: DemoConfig, state_dir: Path) -> int:
@@ -219,15 +276,21 @@ def run_demo(config: DemoConfig, state_dir: Path) -> int:
     write_captions(paths)
     timings = {}
     try:
-        for stage in stages(config, paths):
+        planned = iter(stages(config, paths))
+        for stage in planned:
             began = time.monotonic()
+            if stage.beside_next:
+                following = next(planned)
+                run_beside(stage, following, paths.logs)
+                stage = following  # noqa: PLW2901 - the pair is timed as one
+                timings[f"{stage.title} (+ the stage beside it)"] = time.monotonic() - began
+                continue
             run_stage(stage)
             timings[stage.title] = time.monotonic() - began
     except DemoError as err:
         print(f"\nenat: error: {err}", file=sys.stderr)
         return 1
     _header("summary")
-    table = write_summary(config, paths, env["MLFLOW_TRACKING_URI"], time.monotonic() - started)
+    table = write_summary(config, paths, env["MLFLOW_TRACKING_URI"], time.monotonic() - started, timings)
     print(table)
-    print(json.dumps({"stage_seconds": {k: round(v, 1) for k, v in timings.items()}}, indent=1))
     return 0

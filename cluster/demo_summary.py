@@ -1,4 +1,5 @@
-"""The demo's summary: what each stage measured, as a table (markdown) and as JSON.
+"""The demo's summary: what each stage measured, as a table (markdown) and as JSON, and
+one picture of real against generated emoji.
 
 Everything is read back from the stages' own outputs (metrics.json of the evaluations,
 the watcher's records, the searches' summaries and state), so the summary of a resumed
@@ -7,6 +8,7 @@ demo is the same as that of an uninterrupted one.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import TYPE_CHECKING, Any
@@ -15,6 +17,11 @@ from pipelines import storage
 
 if TYPE_CHECKING:
     from cluster.demo import DemoConfig, DemoPaths
+
+FINAL_ROWS = ("default-8", "searched-8", "searched-4", "nat-default-8", "text")
+# Columns of the comparison picture: (title, evaluation whose grid it shows; None = real).
+PICTURE_COLUMNS = (("real", None), ("ENAT 8 steps", "default-8"), ("NAT 8 steps", "nat-default-8"),
+                   ("text to image", "text"))
 
 
 def _json(url: str) -> dict[str, Any]:
@@ -33,14 +40,15 @@ def search_figures(url: str, steps: int) -> dict[str, Any]:
 def collect(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
     from evaluation.watch import read_records
 
-    evals = {name: _json(os.path.join(paths.evals, name, "metrics.json"))
-             for name in ("default-8", "searched-8", "searched-4")}
+    evals = {name: _json(os.path.join(paths.evals, name, "metrics.json")) for name in FINAL_ROWS}
+    accuracy = next((e["classifier_real_accuracy"] for e in evals.values()
+                     if e.get("classifier_real_accuracy") is not None), None)
     return {
         "floor": _json(paths.floor),
         "final": evals,
+        "classifier_real_accuracy": accuracy,
         "watch": {step: record.get("fid") for step, record in sorted(read_records(paths.run).items())},
         "search": {steps: search_figures(paths.search(steps), steps) for steps in (8, 4)},
-        "text_samples": os.path.join(paths.text_samples, "grid.png") if not config.skip_text else None,
     }
 
 
@@ -48,29 +56,38 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
-def render(figures: dict[str, Any], mlflow_uri: str, wall_s: float) -> str:
-    final, floor = figures["final"], figures["floor"]
+def render(figures: dict[str, Any], mlflow_uri: str, wall_s: float, picture: str | None = None) -> str:
+    final, floor, accuracy = figures["final"], figures["floor"], figures["classifier_real_accuracy"]
     extractor = next((e.get("extractor_id") for e in final.values() if e), "?")
-    samples = next((e.get("num_samples") for e in final.values() if e), "?")
-    lines = [f"## enat demo summary (domain FID, extractor {extractor}, {samples} samples, fresh seeds)", "",
-             "| strategy | steps | FID | KID | GFLOPs/image (+decoder) | images/s | samples |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"## enat demo summary (domain FID, extractor {extractor}, fresh seeds)", "",
+             "| row | steps | samples | FID | KID | class consistency | GFLOPs/image (+decoder) "
+             "| images/s | grid |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, result in final.items():
         if not result:
             continue
-        lines.append(f"| {name} | {result['steps']} | {_fmt(result.get('fid'))} "
-                     f"| {_fmt(result.get('kid'), '.4f')} "
+        lines.append(f"| {name} | {result['steps']} | {result.get('num_samples')} "
+                     f"| {_fmt(result.get('fid'))} "
+                     f"| {_fmt(result.get('kid'), '.4f')} | {_fmt(result.get('class_consistency'))} "
                      f"| {_fmt(result.get('gflops_per_image'), '.4f')} "
                      f"({_fmt(result.get('gflops_per_image_with_decoder'), '.4f')}) "
                      f"| {_fmt(result.get('images_per_s'), '.1f')} | {result['grid']} |")
     if floor:
-        lines.append(f"| real vs real (floor) | - | {_fmt(floor.get('fid'))} "
-                     f"| {_fmt(floor.get('kid'), '.4f')} "
-                     f"| - | - | {floor.get('num_samples')} vs {floor.get('reference_images')} real images |")
+        lines.append(f"| real vs real (floor) | - "
+                     f"| {floor.get('num_samples')} vs {floor.get('reference_images')} "
+                     f"| {_fmt(floor.get('fid'))} | {_fmt(floor.get('kid'), '.4f')} "
+                     f"| {_fmt(accuracy)} (classifier, held-out real) | - | - | - |")
     default, searched = final.get("default-8", {}).get("fid"), final.get("searched-8", {}).get("fid")
     if default and searched:
         lines += ["", f"searched 8-step strategy vs the cosine default: FID {searched:.3f} vs {default:.3f} "
                       f"({100 * (default - searched) / default:+.1f}% better)"]
+    nat = final.get("nat-default-8", {})
+    if default and nat.get("fid"):
+        enat = final["default-8"]
+        pair = lambda key, spec=".3f": f"{_fmt(enat.get(key), spec)} vs {_fmt(nat.get(key), spec)}"  # noqa: E731
+        lines.append(f"ENAT vs NAT (same width, depth, data, steps; 8-step default): FID {pair('fid')}, "
+                     f"class consistency {pair('class_consistency')}, GFLOPs/image "
+                     f"{pair('gflops_per_image', '.4f')}, images/s {pair('images_per_s', '.1f')}")
     for steps, search in figures["search"].items():
         if search["evaluations"]:
             lines.append(f"AutoNAT search, {steps} steps: {search['evaluations']} evaluations, "
@@ -78,19 +95,62 @@ def render(figures: dict[str, Any], mlflow_uri: str, wall_s: float) -> str:
     if figures["watch"]:
         curve = ", ".join(f"step {step}: {_fmt(fid)}" for step, fid in figures["watch"].items())
         lines.append(f"FID as checkpoints landed (eval watch, fewer samples): {curve}")
-    if figures["text_samples"]:
-        lines.append(f"text-to-image samples (captions in the grid order): {figures['text_samples']}")
+    if picture:
+        lines.append(f"real vs generated, one row per class ({', '.join(t for t, _ in PICTURE_COLUMNS)}): "
+                     f"{picture}")
     lines += ["", f"demo wall time {wall_s / 60:.1f} min",
               f"open MLflow: .venv/bin/mlflow ui --backend-store-uri {mlflow_uri} --port 5000"]
     return "\n".join(lines)
 
 
-def write_summary(config: DemoConfig, paths: DemoPaths, mlflow_uri: str, wall_s: float) -> str:
+def comparison_picture(paths: DemoPaths, out: str) -> str | None:
+    """Real emoji beside the generated grids, one row per class, saved as a PNG at `out`."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from evaluation.image_sets import ImageSet, read_all
+    from evaluation.sampling import GridCollector
+
+    panels = []
+    for title, name in PICTURE_COLUMNS:
+        if name is None:
+            images, labels = read_all(ImageSet(f"imagenet:{paths.images}", 32))
+            collector = GridCollector()
+            collector.add(torch.from_numpy(images), labels)
+            panel = collector.image()
+        else:
+            grid = os.path.join(paths.evals, name, "grid.png")
+            if not os.path.exists(grid):
+                continue
+            with Image.open(io.BytesIO(storage.read_bytes(grid))) as image:
+                panel = image.convert("RGB")
+        panels.append((title, panel))
+    if len(panels) < 2:
+        return None
+    gap, header = 12, 14
+    width = sum(p.width for _, p in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, header + max(p.height for _, p in panels)), "white")
+    draw, left = ImageDraw.Draw(canvas), 0
+    for title, panel in panels:
+        draw.text((left + 2, 1), title, fill="black")
+        canvas.paste(panel, (left, header))
+        left += panel.width + gap
+    canvas = canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST)
+    canvas.save(out)
+    return out
+
+
+def write_summary(config: DemoConfig, paths: DemoPaths, mlflow_uri: str, wall_s: float,
+                  stage_seconds: dict[str, float] | None = None) -> str:
     figures = collect(config, paths)
-    table = render(figures, mlflow_uri, wall_s)
     os.makedirs(config.work_dir, exist_ok=True)
+    picture = comparison_picture(paths, os.path.join(config.work_dir, "real-vs-generated.png"))
+    table = render(figures, mlflow_uri, wall_s, picture)
+    seconds = {k: round(v, 1) for k, v in (stage_seconds or {}).items()}
+    table += "\n\nstage seconds:\n" + "\n".join(f"- {k}: {v:.0f}" for k, v in seconds.items())
     with open(os.path.join(config.work_dir, "summary.md"), "w") as handle:
         handle.write(table + "\n")
     with open(os.path.join(config.work_dir, "summary.json"), "w") as handle:
-        json.dump({**figures, "wall_s": wall_s}, handle, indent=1, default=str)
+        json.dump({**figures, "demo_seconds": wall_s, "stage_seconds": seconds, "picture": picture},
+                  handle, indent=1, default=str)
     return table

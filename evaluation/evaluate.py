@@ -17,8 +17,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 from torch import Tensor, nn
 
+from evaluation.features import class_consistency
 from evaluation.metrics import (
     ReferenceStats,
     extract_features,
@@ -72,7 +74,8 @@ class EvalConfig:
         check(self.precision in ("auto", "bf16", "fp32"), "precision", "auto, bf16 or fp32", self.precision)
 
 
-EXTRACTOR_METRICS = ("fid", "kid", "kid_std", "is", "is_std")  # meaningful per extractor only
+# Meaningful per extractor only (class consistency: per classifier).
+EXTRACTOR_METRICS = ("fid", "kid", "kid_std", "is", "is_std", "class_consistency", "classifier_real_accuracy")
 PLAIN_METRICS = ("gflops_per_image", "gflops_per_image_with_decoder", "images_per_s")
 
 
@@ -80,14 +83,15 @@ def evaluation_metrics(result: dict, prefix: str = "") -> dict[str, float]:
     """A result's metrics for MLflow: extractor-dependent ones as `<metric>/<extractor id>`,
     so values from different extractors never share a chart."""
     extractor_id = result["extractor_id"]
-    metrics = {f"{prefix}{key}/{extractor_id}": result[key] for key in EXTRACTOR_METRICS if key in result}
+    metrics = {f"{prefix}{key}/{extractor_id}": result[key] for key in EXTRACTOR_METRICS
+               if result.get(key) is not None}
     metrics.update({f"{prefix}{key}": result[key] for key in PLAIN_METRICS if key in result})
     return metrics
 
 
 def metrics_line(result: dict) -> str:
     """`fid 2.15  kid 0.01 ...` for a terminal."""
-    return "  ".join(f"{key} {result[key]:.4g}" for key in EXTRACTOR_METRICS if key in result)
+    return "  ".join(f"{key} {result[key]:.4g}" for key in EXTRACTOR_METRICS if result.get(key) is not None)
 
 
 def _timed(batches: Iterator, grid: GridCollector, clock: dict) -> Iterator[Tensor]:
@@ -100,6 +104,16 @@ def _timed(batches: Iterator, grid: GridCollector, clock: dict) -> Iterator[Tens
             return
         grid.add(batch.images, batch.conditions.labels)
         yield batch.images
+
+
+def class_targets(names: list[str | None] | None, classes: list[str] | None) -> np.ndarray | None:
+    """Each sample's class as the classifier's index (-1: a class it does not know); None
+    when either side has no class names. Matching goes by name, so the classifier's class
+    order need not be the model's."""
+    if names is None or classes is None:
+        return None
+    index = {name: i for i, name in enumerate(classes)}
+    return np.array([index.get(name, -1) if name is not None else -1 for name in names], dtype=np.int64)
 
 
 def flops_per_image(model: nn.Module, tokenizer: nn.Module, strategy: Strategy,
@@ -136,6 +150,10 @@ class CheckpointEvaluator:
         batches = iter_samples(sampler, strategy, conditions, self.batch_size, seed, progress)
         generated = extract_features(self.extractor, _timed(batches, grid, clock), self.batch_size)
         result = metrics_from_features(generated, self.stats, self.extractor, kid, isc, seed)
+        targets = class_targets(conditions.class_names(sampler), self.extractor.classes)
+        if targets is not None and "logits" in generated:
+            result["class_consistency"] = class_consistency(generated["logits"], targets)
+            result["classifier_real_accuracy"] = self.extractor.real_accuracy
         if flops:
             transformer, decoded = flops_per_image(sampler.model, sampler.tokenizer, strategy, sampler.reuse)
             result.update(gflops_per_image=transformer / 1e9, gflops_per_image_with_decoder=decoded / 1e9)

@@ -197,6 +197,17 @@ def accuracy(net: DomainNet, images: Tensor, labels: Tensor, batch_size: int = 2
     return correct / max(len(images), 1)
 
 
+def class_consistency(logits: Tensor, targets: np.ndarray) -> float | None:
+    """Share of images the classifier puts in their target class (the class a sample was
+    conditioned on). Targets < 0 (a class the classifier does not know) are left out;
+    None when no target is known."""
+    known = torch.from_numpy(np.asarray(targets) >= 0)
+    if not bool(known.any()):
+        return None
+    predicted = logits.argmax(dim=-1)[known]
+    return float((predicted == torch.as_tensor(np.asarray(targets))[known]).double().mean())
+
+
 def train_domain_extractor(config: FeatureTrainConfig, progress: bool = True) -> dict:
     """Train, measure held-out accuracy, publish; returns the saved metadata."""
     device = pick_device(config.device)

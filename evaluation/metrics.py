@@ -68,6 +68,10 @@ class Extractor:
     fid_layer: str
     isc_layer: str | None  # None: no class logits, so no Inception Score
     device: torch.device
+    # A domain extractor is a classifier of the data set's classes: their names (index
+    # order) and its held-out accuracy on real images, for class consistency.
+    classes: list[str] | None = None
+    real_accuracy: float | None = None
 
 
 def inception_weights(path: str = "", download: bool = True) -> str:
@@ -113,11 +117,15 @@ def load_extractor(spec: str = "inception", device: str | torch.device = "auto",
     else:
         weights = rest if kind == "domain" else spec
         domain.register()
-        name, layers, extractor_id = domain.EXTRACTOR_NAME, [domain.FEATURE_LAYER, "logits_unbiased"], None
+        # "logits" (with the bias) decide the predicted class; IS uses the unbiased ones.
+        name, extractor_id = domain.EXTRACTOR_NAME, None
+        layers = [domain.FEATURE_LAYER, "logits_unbiased", "logits"]
     module = create_feature_extractor(name, layers, cuda=device.type == "cuda",
                                       feature_extractor_weights_path=weights, verbose=False)
-    extractor_id = extractor_id or module.extractor_id
-    return Extractor(extractor_id, module, layers[0], layers[1], device)
+    if extractor_id:
+        return Extractor(extractor_id, module, layers[0], layers[1], device)
+    return Extractor(module.extractor_id, module, layers[0], layers[1], device, list(module.meta["classes"]),
+                     module.meta.get("holdout_accuracy"))
 
 
 def extract_features(extractor: Extractor, images: Dataset | Iterable[Tensor], batch_size: int = 64) -> dict:

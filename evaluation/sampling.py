@@ -56,6 +56,7 @@ class Sampler:
     autocast: torch.dtype | None  # None: plain fp32
     reuse: bool = True
     text_encoder: object | None = None  # pipelines.text_encoder.TextEncoder for text models
+    class_names: list[str] | None = None  # the training shards' class names, when recorded
 
     @property
     def config(self):
@@ -86,20 +87,27 @@ def resolve_checkpoint(url: str) -> str:
                             f"(runs/<run>/checkpoints/step-<n>) or its ema/ export")
 
 
-def find_tokenizer(ema_url: str) -> tuple[str, str | None]:
-    """(tokenizer URL, expected tokenizer id or None) recorded for the checkpoint at `ema_url`."""
-    meta = json.loads(storage.read_bytes(storage.join(ema_url, CONFIG_NAME)))
-    if meta.get("tokenizer_url"):
-        return meta["tokenizer_url"], meta.get("tokenizer_id")
+def training_manifest(ema_url: str) -> shards.Manifest | None:
+    """The manifest of the shards the checkpoint at `ema_url` was trained on, when its step
+    folder's train_config.json names them and they still exist."""
     step_url = ema_url.rstrip("/").removesuffix(f"/{EMA_DIR}")
     train_config = storage.join(step_url, TRAIN_CONFIG_NAME)
     data_url = ""
     if step_url != ema_url.rstrip("/") and storage.exists(train_config):
         data_url = json.loads(storage.read_bytes(train_config)).get("data", {}).get("url", "")
     if data_url and storage.exists(storage.join(data_url, shards.MANIFEST_NAME)):
-        manifest = shards.read_manifest(data_url)
-        if manifest.tokenizer_url:
-            return manifest.tokenizer_url, manifest.tokenizer_id
+        return shards.read_manifest(data_url)
+    return None
+
+
+def find_tokenizer(ema_url: str) -> tuple[str, str | None]:
+    """(tokenizer URL, expected tokenizer id or None) recorded for the checkpoint at `ema_url`."""
+    meta = json.loads(storage.read_bytes(storage.join(ema_url, CONFIG_NAME)))
+    if meta.get("tokenizer_url"):
+        return meta["tokenizer_url"], meta.get("tokenizer_id")
+    manifest = training_manifest(ema_url)
+    if manifest is not None and manifest.tokenizer_url:
+        return manifest.tokenizer_url, manifest.tokenizer_id
     raise SamplingError(f"cannot tell which tokenizer decodes {ema_url} (no train_config.json with "
                         f"data.url whose manifest records tokenizer_url): pass tokenizer=<URL>")
 
@@ -132,8 +140,10 @@ def load_sampler(checkpoint: str, tokenizer: str = "", device: str = "auto", pre
         if encoder.info["dim"] != loaded.config.context_dim:
             raise SamplingError(f"text encoder {encoder.info['id']} gives {encoder.info['dim']}-d vectors "
                                 f"but the model takes {loaded.config.context_dim}-d: pick its encoder")
+    manifest = training_manifest(ema_url)
     return Sampler(loaded.model, loaded.model_id, ema_url, vq.model, vq.model_id, tokenizer, torch_device,
-                   autocast_dtype(torch_device, precision), reuse, encoder)
+                   autocast_dtype(torch_device, precision), reuse, encoder,
+                   manifest.classes if manifest is not None else None)
 
 
 def class_balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -142,12 +152,18 @@ def class_balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
     return np.concatenate([per_class, np.arange(num_samples % num_classes)]).astype(np.int64)
 
 
-def read_captions(url: str) -> list[str]:
+def read_captions(url: str) -> list[tuple[str, str | None]]:
+    """(caption, class name or None) per non-empty line. A line `caption<TAB>class` names
+    the class its caption shows (used for class consistency); a plain line names none."""
     try:
         lines = storage.read_bytes(url).decode("utf-8").splitlines()
     except FileNotFoundError:
         raise SamplingError(f"captions file not found: {url}") from None
-    captions = [line.strip() for line in lines if line.strip()]
+    captions = []
+    for line in lines:
+        caption, _, name = line.partition("\t")
+        if caption.strip():
+            captions.append((caption.strip(), name.strip() or None))
     if not captions:
         raise SamplingError(f"captions file {url} has no caption (one per line)")
     return captions
@@ -155,10 +171,12 @@ def read_captions(url: str) -> list[str]:
 
 @dataclass
 class Conditions:
-    """What each sample is conditioned on: class labels or captions."""
+    """What each sample is conditioned on: class labels or captions (with the class name
+    each caption shows, where the captions file gives one)."""
 
     labels: np.ndarray | None = None
     captions: list[str] | None = None
+    caption_classes: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.labels) if self.labels is not None else len(self.captions)
@@ -166,15 +184,27 @@ class Conditions:
     def slice(self, start: int, stop: int) -> Conditions:
         if self.labels is not None:
             return Conditions(labels=self.labels[start:stop])
-        return Conditions(captions=self.captions[start:stop])
+        return Conditions(captions=self.captions[start:stop],
+                          caption_classes=None if self.caption_classes is None
+                          else self.caption_classes[start:stop])
+
+    def class_names(self, sampler: Sampler) -> list[str | None] | None:
+        """The class name of every sample (None where unknown); None when no name is known:
+        class ids without the training shards' class names."""
+        if self.labels is None:
+            return self.caption_classes
+        if sampler.class_names is None:
+            return None
+        return [sampler.class_names[label] for label in self.labels.tolist()]
 
 
 def make_conditions(sampler: Sampler, num_samples: int, captions_url: str = "") -> Conditions:
     if sampler.config.text_conditioned:
         if not captions_url:
             raise SamplingError("the model is text-conditioned: pass captions=<text file, one per line>")
-        captions = read_captions(captions_url)
-        return Conditions(captions=[captions[i % len(captions)] for i in range(num_samples)])
+        lines = read_captions(captions_url)
+        chosen = [lines[i % len(lines)] for i in range(num_samples)]
+        return Conditions(captions=[c for c, _ in chosen], caption_classes=[n for _, n in chosen])
     if captions_url:
         raise SamplingError("the model is class-conditional: captions apply to text-conditioned models only")
     return Conditions(labels=class_balanced_labels(num_samples, sampler.config.num_classes))

@@ -18,13 +18,14 @@ from cluster.train_cmd import load_train_config
 def test_every_stage_command_is_valid_for_the_cli(tmp_path):
     config = DemoConfig(work_dir=str(tmp_path / "out"))
     planned = stages(config, DemoPaths(config))
-    assert len(planned) == 14
+    assert len(planned) == 16
+    assert planned[0].beside_next and not any(stage.beside_next for stage in planned[1:])
     for stage in planned:
         args = parse(stage.args)
         if stage.args[0] == "train":
             train, launch, evals = load_train_config(args.config, args.overrides)
             assert launch.num_workers == 2 and train.zero_stage == 2
-            assert evals.watch == ("text" not in train.run)
+            assert evals.watch == (train.run == "tiny-enat-demo")
         else:
             command_config(args)  # raises ConfigError on a bad key or value
 
@@ -39,16 +40,22 @@ def test_done_stages_are_skipped_and_failures_stop_the_demo(capsys):
 def test_summary_reads_the_stage_outputs(tmp_path):
     config = DemoConfig(work_dir=str(tmp_path), root=str(tmp_path / "root"), skip_text=True)
     paths = DemoPaths(config)
-    for name, fid, steps in (("default-8", 4.0, 8), ("searched-8", 3.0, 8), ("searched-4", 3.5, 4)):
+    for name, fid, steps in (("default-8", 4.0, 8), ("searched-8", 3.0, 8), ("searched-4", 3.5, 4),
+                             ("nat-default-8", 5.0, 8)):
         folder = tmp_path / "eval" / name
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text(json.dumps({
             "fid": fid, "kid": 0.01, "steps": steps, "extractor_id": "domain-abc", "num_samples": 1000,
+            "class_consistency": fid / 10, "classifier_real_accuracy": 0.7,
             "gflops_per_image": 0.1 * steps, "gflops_per_image_with_decoder": 0.2 * steps,
             "images_per_s": 50.0, "grid": str(folder / "grid.png")}))
     (tmp_path / "floor.json").write_text(json.dumps({"fid": 0.5, "kid": 0.0, "num_samples": 950,
                                                      "reference_images": 951}))
-    table = render(collect(config, paths), "sqlite:///x.db", 600.0)
-    assert "| searched-8 | 8 | 3.000 |" in table and "| real vs real (floor) | - | 0.500 |" in table
+    figures = collect(config, paths)
+    assert figures["classifier_real_accuracy"] == 0.7 and not figures["final"]["text"]
+    table = render(figures, "sqlite:///x.db", 600.0)
+    assert "| searched-8 | 8 | 1000 | 3.000 | 0.0100 | 0.300 |" in table
+    assert "| real vs real (floor) | - | 950 vs 951 | 0.500 | 0.0000 | 0.700 (classifier" in table
     assert "FID 3.000 vs 4.000 (+25.0% better)" in table
+    assert "FID 4.000 vs 5.000, class consistency 0.400 vs 0.500" in table
     assert "mlflow ui --backend-store-uri sqlite:///x.db" in table

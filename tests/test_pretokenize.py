@@ -163,7 +163,8 @@ def test_imagenet_tree_on_s3_equals_direct_tokenization(ray_local, s3_bucket, to
     assert manifest.classes == folders and len(folders) == 10
     assert manifest.totals == {"inputs": 59, "written": 59, "rejected": 0, "converted": 0, "shards": 4}
     assert manifest.tokenizer_sha256 == load_model(tokenizer_dir).sha256
-    assert (manifest.grid, manifest.codebook_size, manifest.resolution) == ([8, 8], 256, 32)
+    codebook = yaml.safe_load(TINY_TOKENIZER.read_text())["codebook_size"]
+    assert (manifest.grid, manifest.codebook_size, manifest.resolution) == ([8, 8], codebook, 32)
     model = load_model(tokenizer_dir).model
     samples = shards_of(manifest, out)
     assert [s.key for s in samples] == [f"{i:09d}" for i in range(59)]
