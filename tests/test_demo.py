@@ -59,3 +59,14 @@ def test_summary_reads_the_stage_outputs(tmp_path):
     assert "FID 3.000 vs 4.000 (+25.0% better)" in table
     assert "FID 4.000 vs 5.000, class consistency 0.400 vs 0.500" in table
     assert "mlflow ui --backend-store-uri sqlite:///x.db" in table
+
+
+def test_a_stage_beside_the_next_runs_in_the_background_and_its_failure_names_its_log(tmp_path, capsys):
+    from cluster.demo import run_beside
+
+    broken = Stage("broken", lambda: False, ["data", "demo", "bogus=1"], beside_next=True)
+    with pytest.raises(DemoError, match=r"stage 'broken' failed \(exit 2\) \(its output: .*data-demo.log\)"):
+        run_beside(broken, Stage("next", lambda: True, ["no-such-command"]), tmp_path / "logs")
+    assert "bogus" in (tmp_path / "logs" / "data-demo.log").read_text()
+    output = capsys.readouterr().out
+    assert "in the background" in output and "done before: skipped" in output

@@ -94,3 +94,47 @@ def test_probe_learns_structured_ids_but_not_random_ones():
     random = measure(noise[:300], labels[:300], noise[300:], labels[300:], 16, 4, probe)
     assert learned.probe_loss < 0.5 * learned.unigram_entropy
     assert random.gain < 0.1
+
+
+@pytest.mark.slow
+def test_fsq_tokenizer_round_trips_through_pretokenize_train_and_sample(tmp_path, monkeypatch):
+    """An FSQ tokenizer fitted by `enat tokenizer train`'s code, its ids written to a shard
+    and read back, a tiny ENAT trained on them, and samples decoded through it."""
+    import numpy as np
+    from test_evaluation_acceptance import model_config, pretokenize, train_tiny_enat
+
+    from evaluation.sampling import SampleConfig, run_sample
+    from models import build_model
+    from pipelines.demo_data import DemoDataConfig, make_demo_data
+    from pipelines.model_io import load_model, save_model
+    from pipelines.shards import read_manifest, read_shard
+    from trainer.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    make_demo_data(DemoDataConfig(out=str(tmp_path / "data"), limit=120))
+    tree = str(tmp_path / "data" / "imagenet")
+    tokenizer_config = fsq_config((4, 4, 4), channel_mult=[1, 2, 2])
+    fitted = train_tokenizer(TokenizerTrainConfig(
+        source=f"{tree}/train", root=str(tmp_path), steps=40, warmup_steps=5, eval_every=40, log_every=40,
+        checkpoint_every=40, grid_images=0, device="cpu"), tokenizer_config, progress=False)
+    assert load_model(fitted.export_url).config == tokenizer_config
+
+    shards = str(tmp_path / "shards")
+    ids, labels, codebook = pretokenize(tree, fitted.export_url, shards)
+    manifest = read_manifest(shards)
+    assert codebook == manifest.codebook_size == 64 and manifest.grid == [8, 8]
+    stored = np.stack([s.tokens for s in read_shard(manifest.shard_urls(shards)[0])])
+    assert np.array_equal(stored, ids) and ids.max() < 64
+
+    config = model_config(codebook, 8, int(labels.max()) + 1)
+    model = build_model(config)
+    train_tiny_enat(model, ids, labels, steps=10)
+    checkpoint = str(tmp_path / "runs/fsq/checkpoints/step-10/ema")
+    save_model(checkpoint, model, config, extra={"step": 10})
+    summary = run_sample(SampleConfig(checkpoint=checkpoint, tokenizer=fitted.export_url, num_samples=8,
+                                      batch_size=8, out=str(tmp_path / "samples"), device="cpu"),
+                         progress=False)
+    assert summary["generated"] == 8
+    with np.load(tmp_path / "samples" / "samples.npz") as saved:
+        assert saved["arr_0"].shape == (8, 32, 32, 3)
