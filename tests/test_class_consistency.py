@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from evaluation.evaluate import class_targets
-from evaluation.features import FeatureTrainConfig, class_consistency, stratified_split, train_domain_extractor
+from evaluation.features import (
+    FeatureTrainConfig,
+    class_consistency,
+    stratified_split,
+    train_domain_extractor,
+)
 from evaluation.image_sets import ImageSet, ImageTensors, read_all
 from evaluation.metrics import extract_features, load_extractor
 from evaluation.sampling import read_captions
