@@ -49,7 +49,8 @@ def test_real_held_out_images_with_true_labels_give_the_held_out_accuracy(traine
 def test_shuffled_labels_fall_to_chance(trained):
     labels, logits = trained["labels"], trained["logits"]
     true = class_consistency(logits, labels)
-    shuffled = [class_consistency(logits, np.random.default_rng(seed).permutation(labels)) for seed in range(5)]
+    permute = lambda seed: np.random.default_rng(seed).permutation(labels)  # noqa: E731
+    shuffled = [class_consistency(logits, permute(seed)) for seed in range(5)]
     # Chance for these predictions = sum over classes of (share predicted) x (share labelled).
     predicted = logits.argmax(-1).numpy()
     chance = sum(np.mean(predicted == c) * np.mean(labels == c) for c in range(10))
