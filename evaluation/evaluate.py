@@ -1,6 +1,8 @@
 """Evaluate one checkpoint: sample with a strategy, measure FID/KID/IS against a reference,
 count FLOPs per image, time the sampling. What `enat eval checkpoint` and the eval
-dispatcher call.
+dispatcher call. With a domain extractor (a classifier of the data set's classes) also
+class consistency: the share of samples it assigns to their conditioning class, reported
+beside its accuracy on real held-out images, the figure real data reaches.
 
 Samples stream: each batch is generated, decoded and passed through the feature extractor,
 and only the images of the grid are kept, so 50k samples need no more memory than one
@@ -29,6 +31,7 @@ from evaluation.metrics import (
     reference_stats,
 )
 from evaluation.sampling import (
+    Conditions,
     GridCollector,
     iter_samples,
     load_sampler,
@@ -116,6 +119,23 @@ def class_targets(names: list[str | None] | None, classes: list[str] | None) -> 
     return np.array([index.get(name, -1) if name is not None else -1 for name in names], dtype=np.int64)
 
 
+def sample_targets(conditions: Conditions, model_classes: list[str] | None, num_classes: int,
+                   classifier_classes: list[str] | None) -> np.ndarray | None:
+    """The classifier's index of every sample's conditioning class (-1: unknown), or None
+    when there is no sound mapping. Captions carry their class names; class ids are named
+    through `model_classes` (the training manifest's). Without usable names, ids are taken
+    as the classifier's own only when both have the same number of classes."""
+    if classifier_classes is None:
+        return None
+    if conditions.labels is None:
+        return class_targets(conditions.caption_classes, classifier_classes)
+    if model_classes is None or len(model_classes) != num_classes:
+        if num_classes != len(classifier_classes):
+            return None
+        model_classes = classifier_classes
+    return class_targets([model_classes[label] for label in conditions.labels.tolist()], classifier_classes)
+
+
 def flops_per_image(model: nn.Module, tokenizer: nn.Module, strategy: Strategy,
                     reuse: bool) -> tuple[int, int]:
     """(transformer FLOPs, FLOPs including the VQ decoder) of one image, counted on the CPU:
@@ -150,9 +170,12 @@ class CheckpointEvaluator:
         batches = iter_samples(sampler, strategy, conditions, self.batch_size, seed, progress)
         generated = extract_features(self.extractor, _timed(batches, grid, clock), self.batch_size)
         result = metrics_from_features(generated, self.stats, self.extractor, kid, isc, seed)
-        targets = class_targets(conditions.class_names(sampler), self.extractor.classes)
-        if targets is not None and "logits" in generated:
-            result["class_consistency"] = class_consistency(generated["logits"], targets)
+        targets = sample_targets(conditions, sampler.class_names, sampler.config.num_classes,
+                                 self.extractor.classes)
+        consistency = None if targets is None else class_consistency(generated["logits"], targets)
+        if consistency is not None:
+            # Read beside the classifier's accuracy on real held-out images: what real data reaches.
+            result["class_consistency"] = consistency
             result["classifier_real_accuracy"] = self.extractor.real_accuracy
         if flops:
             transformer, decoded = flops_per_image(sampler.model, sampler.tokenizer, strategy, sampler.reuse)
@@ -184,7 +207,9 @@ def evaluate_checkpoint(checkpoint_url: str, tokenizer_url: str = "", strategy: 
     logits), extractor_id, num_samples, reference_images, seed, steps, strategy (a label),
     strategy_yaml, gflops_per_image (transformer only), gflops_per_image_with_decoder,
     images_per_s (generation + decoding), step (the checkpoint's, when recorded),
-    model_id, tokenizer_id, checkpoint, reference, grid (URL of the PNG) and out.
+    model_id, tokenizer_id, checkpoint, reference, grid (URL of the PNG) and out; with a
+    domain extractor and known sample classes also class_consistency and
+    classifier_real_accuracy (see sample_targets).
     """
     label = ""
     if isinstance(strategy, str):

@@ -124,8 +124,10 @@ def load_extractor(spec: str = "inception", device: str | torch.device = "auto",
                                       feature_extractor_weights_path=weights, verbose=False)
     if extractor_id:
         return Extractor(extractor_id, module, layers[0], layers[1], device)
+    accuracy = module.meta.get("holdout_accuracy")  # NaN when trained with holdout=0: unknown
+    accuracy = None if accuracy is None or np.isnan(accuracy) else float(accuracy)
     return Extractor(module.extractor_id, module, layers[0], layers[1], device, list(module.meta["classes"]),
-                     module.meta.get("holdout_accuracy"))
+                     accuracy)
 
 
 def extract_features(extractor: Extractor, images: Dataset | Iterable[Tensor], batch_size: int = 64) -> dict:

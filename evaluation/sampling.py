@@ -9,7 +9,10 @@ records the tokenizer's URL and id (the id is checked against the loaded weights
 
 Conditions: class-balanced labels as ENAT evaluates (N // C images of every class, sorted by
 class; the remainder goes to the first classes), or captions from a text file (one per line,
-used in turn) embedded by pipelines/text_encoder.py for a text-conditioned model.
+used in turn) embedded by pipelines/text_encoder.py for a text-conditioned model. A line
+may be `caption<TAB>class name`: the class its caption shows, which evaluation uses for
+class consistency (plain lines name no class). The class names of a class-conditional
+model's ids come from its training shards' manifest (Sampler.class_names).
 
 Randomness: batch i uses a generator seeded from (seed, i), so the same seed, batch size
 and inputs give the same images on any machine and after a resumed run.
@@ -188,15 +191,6 @@ class Conditions:
                           caption_classes=None if self.caption_classes is None
                           else self.caption_classes[start:stop])
 
-    def class_names(self, sampler: Sampler) -> list[str | None] | None:
-        """The class name of every sample (None where unknown); None when no name is known:
-        class ids without the training shards' class names."""
-        if self.labels is None:
-            return self.caption_classes
-        if sampler.class_names is None:
-            return None
-        return [sampler.class_names[label] for label in self.labels.tolist()]
-
 
 def make_conditions(sampler: Sampler, num_samples: int, captions_url: str = "") -> Conditions:
     if sampler.config.text_conditioned:
@@ -305,7 +299,7 @@ class SampleConfig:
     num_samples: int = 100
     batch_size: int = 50
     seed: int = 0
-    captions: str = ""  # text file, one caption per line (text-conditioned models)
+    captions: str = ""  # text file, one caption per line, optionally `<TAB>class name` (text models)
     text_encoder: str = "minilm"  # see pipelines/text_encoder.py
     out: str = "samples"  # folder (path or URL): images/, samples.npz, grid.png, sample.json
     png: bool = True

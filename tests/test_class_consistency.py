@@ -3,11 +3,13 @@ class, computed through the real torch-fidelity extractor path."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
-from evaluation.evaluate import class_targets
+from evaluation.evaluate import class_targets, sample_targets
 from evaluation.features import (
     FeatureTrainConfig,
     class_consistency,
@@ -16,22 +18,33 @@ from evaluation.features import (
 )
 from evaluation.image_sets import ImageSet, ImageTensors, read_all
 from evaluation.metrics import extract_features, load_extractor
-from evaluation.sampling import read_captions
+from evaluation.sampling import Conditions, read_captions
 from pipelines.demo_data import DemoDataConfig, make_demo_data
 
 pytestmark = pytest.mark.slow
 
 
+CLASSES = ("animals_nature", "flags", "food_drink", "smileys_emotion", "travel_places")
+PER_CLASS = 60
+HOLDOUT = 0.25
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
-    """The whole demo set (10 classes) and a small classifier trained on it."""
+    """A classifier trained briefly on 60 demo emoji of each of 5 classes (a sub-tree, so
+    training takes seconds, not minutes), and its logits on the held-out images."""
     root = tmp_path_factory.mktemp("consistency")
     make_demo_data(DemoDataConfig(out=str(root / "data")))
-    tree = str(root / "data" / "imagenet")
-    config = FeatureTrainConfig(data=tree, out=str(root / "extractor"), width=8, epochs=3, holdout=0.2)
+    tree = root / "tree"
+    for name in CLASSES:
+        (tree / "train" / name).mkdir(parents=True)
+        for source in sorted((root / "data" / "imagenet" / "train" / name).iterdir())[:PER_CLASS]:
+            shutil.copy(source, tree / "train" / name / source.name)
+    config = FeatureTrainConfig(data=str(tree), out=str(root / "extractor"), width=8, epochs=4, batch_size=32,
+                                holdout=HOLDOUT)
     meta = train_domain_extractor(config, progress=False)
     images, labels = read_all(ImageSet(f"imagenet:{tree}", 32))
-    _, held = stratified_split(labels, config.holdout, config.seed)
+    _, held = stratified_split(labels, config.holdout, config.seed)  # the images training held out
     extractor = load_extractor(config.out, device="cpu")
     logits = extract_features(extractor, ImageTensors(images[held]), 64)["logits"]
     return {"meta": meta, "extractor": extractor, "labels": labels[held], "logits": logits}
@@ -39,23 +52,23 @@ def trained(tmp_path_factory) -> dict:
 
 def test_real_held_out_images_with_true_labels_give_the_held_out_accuracy(trained):
     extractor, labels = trained["extractor"], trained["labels"]
-    assert extractor.classes == trained["meta"]["classes"] and len(extractor.classes) == 10
+    assert extractor.classes == trained["meta"]["classes"] and extractor.classes == list(CLASSES)
     assert extractor.real_accuracy == trained["meta"]["holdout_accuracy"]
     measured = class_consistency(trained["logits"], labels)
     assert measured == pytest.approx(trained["meta"]["holdout_accuracy"], abs=1e-9)
-    assert measured > 0.3  # well above chance: the classifier learned something
+    assert measured > 0.35  # well above chance (0.2): the classifier learned something
 
 
 def test_shuffled_labels_fall_to_chance(trained):
     labels, logits = trained["labels"], trained["logits"]
     true = class_consistency(logits, labels)
-    permute = lambda seed: np.random.default_rng(seed).permutation(labels)  # noqa: E731
-    shuffled = [class_consistency(logits, permute(seed)) for seed in range(5)]
-    # Chance for these predictions = sum over classes of (share predicted) x (share labelled).
-    predicted = logits.argmax(-1).numpy()
-    chance = sum(np.mean(predicted == c) * np.mean(labels == c) for c in range(10))
-    assert abs(np.mean(shuffled) - chance) < 0.05
-    assert np.mean(shuffled) < 0.6 * true
+    rng = np.random.default_rng(0)
+    shuffled = np.mean([class_consistency(logits, rng.permutation(labels)) for _ in range(200)])
+    # Every class holds out the same number of images, so a shuffle is right 1/C of the time
+    # in expectation whatever the classifier predicts; 200 shuffles land within ~0.005 of it.
+    assert np.bincount(labels).tolist() == [round(HOLDOUT * PER_CLASS)] * len(CLASSES)
+    assert abs(shuffled - 1 / len(CLASSES)) < 0.03
+    assert shuffled < 0.6 * true
 
 
 def test_targets_map_by_class_name_and_skip_unknown_classes():
@@ -68,8 +81,27 @@ def test_targets_map_by_class_name_and_skip_unknown_classes():
     assert class_targets(None, classes) is None and class_targets(["food"], None) is None
 
 
+def test_model_class_ids_reach_the_classifier_through_names():
+    model_classes = ["animals", "food", "flags"]  # the training manifest's order
+    classifier = ["flags", "animals", "food"]  # the same classes, trained in another order
+    labels = Conditions(labels=np.array([0, 1, 2, 2]))
+    assert sample_targets(labels, model_classes, 3, classifier).tolist() == [1, 2, 0, 0]
+    # Logits that favour the right class under the classifier's order: all consistent.
+    logits = torch.nn.functional.one_hot(torch.tensor([1, 2, 0, 0]), 3).float()
+    assert class_consistency(logits, sample_targets(labels, model_classes, 3, classifier)) == 1.0
+    # No names for the model's ids: identity when the counts agree, else no metric.
+    assert sample_targets(labels, None, 3, classifier).tolist() == [0, 1, 2, 2]
+    assert sample_targets(labels, None, 4, classifier) is None
+    assert sample_targets(labels, model_classes, 3, None) is None
+    captions = Conditions(captions=["a", "b"], caption_classes=["food", None])
+    assert sample_targets(captions, None, 10, classifier).tolist() == [2, -1]
+
+
 def test_captions_may_name_their_class(tmp_path):
     path = tmp_path / "captions.txt"
     path.write_text("grinning face\tsmileys_emotion\n\nred apple\n  flag: France\tflags \n")
     assert read_captions(str(path)) == [("grinning face", "smileys_emotion"), ("red apple", None),
                                         ("flag: France", "flags")]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a cat\n a dog \n")
+    assert read_captions(str(plain)) == [("a cat", None), ("a dog", None)]
