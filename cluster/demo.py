@@ -255,7 +255,8 @@ def write_captions(paths: DemoPaths, per_class: int = 8) -> None:
         names = chosen.setdefault(emoji.category, [])
         if len(names) < per_class:
             names.append(emoji.name)
-    lines = [f"{name}\t{category}" for category, names in chosen.items() for name in names]
+    # Sorted like the class folders, so the text grid's rows line up with the other grids'.
+    lines = [f"{name}\t{category}" for category, names in sorted(chosen.items()) for name in names]
     Path(paths.captions).parent.mkdir(parents=True, exist_ok=True)
     Path(paths.captions).write_text("\n".join(lines) + "\n")
 
