@@ -248,9 +248,12 @@ def test_demo_configuration_quality(tmp_path, mlflow_db) -> None:
     """The defaults (the demo's configuration: 1,800 steps of 8, ~4 min on one core) on all
     1,903 demo emoji at 32x32. The issue's target of 24 dB needs the long setting (steps=12000,
     ~25 min: 24.16 dB), which is too slow for CI; the defaults measured 21.86 dB with 100% of
-    the codes in use, so the bound is 20.8 dB (and >= 50% usage)."""
+    the codes in use with the former 256-code preset, so the bound is 20.8 dB (and >= 50%
+    usage, perplexity >= half the codebook; the 64-code preset in `make demo`, without
+    restarts, measured 21.33 dB at 1,600 steps with 95% of the codes in use)."""
     data = make_demo_data(DemoDataConfig(out=str(tmp_path / "demo")), progress=False)
     config = TokenizerTrainConfig(source=str(Path(data["imagenet"]) / "train"), root=str(tmp_path / "root"))
+    codebook_size = resolve_model(config).codebook_size
     result = train(config)
     assert result.evaluation.psnr >= 20.8
-    assert result.evaluation.codebook_usage >= 0.5 and result.evaluation.perplexity >= 128
+    assert result.evaluation.codebook_usage >= 0.5 and result.evaluation.perplexity >= codebook_size / 2
