@@ -53,8 +53,23 @@ class Attention(nn.Module):
         k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=self.heads)
         if key_mask is not None:
             key_mask = key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        out = attend(q, k, v, key_mask)
         return self.out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over [B, H, N, d]; key_mask [B, 1, 1, M] bool (True = attend).
+
+    On GPUs, torch's SDPA picks a fused (flash or memory-efficient) kernel. On CPUs it has
+    none that pays off at these shapes: under bf16 autocast its kernel made a tiny-NAT
+    training step 2.3x slower than plain matmul + softmax, which is never slower in fp32
+    (bench/attention.py measures both)."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    return scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v
 
 
 class TokenEmbedding(nn.Module):
