@@ -128,6 +128,7 @@ class DemoPaths:
         self.captions_tars = os.path.join(config.data.out, "cc3m")
         self.tokenizer = storage.join(root, "runs", "tokenizer", "export")
         self.extractor = storage.join(root, "extractor")
+        self.perceptual = storage.join(root, "perceptual")
         self.tokens = storage.join(root, "tokens", "imagenet")
         self.text_tokens = storage.join(root, "tokens", "cc3m")
         self.reference = storage.join(root, "reference", "imagenet-domain.npz")
@@ -169,10 +170,17 @@ def stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
               _exists(storage.join(paths.extractor, "extractor.json")),
               ["eval", "train-features", "--data", paths.images, "--out", paths.extractor,
                f"epochs={config.extractor_epochs}"], beside_next=True),
-        Stage("tokenizer training (VQGAN, 32x32 -> 8x8 ids)",
+        # The tokenizer's perceptual loss reads another classifier than the one that scores
+        # the samples (another seed and split): it is never trained against the FID features.
+        Stage("perceptual classifier for the tokenizer (another network than the FID extractor)",
+              _exists(storage.join(paths.perceptual, "extractor.json")),
+              ["eval", "train-features", "--data", paths.images, "--out", paths.perceptual,
+               f"epochs={config.extractor_epochs}", "seed=1"]),
+        Stage("tokenizer training (VQGAN, 32x32 -> 8x8 ids, perceptual loss)",
               _exists(storage.join(paths.tokenizer, "config.json")),
               ["tokenizer", "train", "--source", os.path.join(paths.images, "train"), "--root", config.root,
-               "--run", "tokenizer", f"steps={config.tokenizer_steps}", "dead_code_steps=0"]),
+               "--run", "tokenizer", f"steps={config.tokenizer_steps}", "dead_code_steps=0",
+               f"perceptual={paths.perceptual}"]),
         Stage("pretokenize the ImageNet-style tree to S3",
               _exists(storage.join(paths.tokens, "manifest.json")),
               ["pretokenize", f"source=imagenet:{paths.images}", f"out={paths.tokens}",

@@ -1,9 +1,10 @@
-"""The domain feature extractor: a small CNN classifier trained on the data set itself.
+"""The domain feature extractor: a small CNN classifier (models/classifier.py) trained on
+the data set itself.
 
 Inception-v3 features mean little for 32x32 emoji and cost ~0.7 s per image on a CPU, so
 the demo measures FID/KID/IS with a classifier trained on its own data (`enat eval
-train-features`). It is saved as `extractor.safetensors` + `extractor.json` under a URL,
-with the id `domain-<first 12 hex digits of the weights' sha256>`, and is a torch-fidelity
+train-features`). It is saved by pipelines.model_io.save_classifier under a URL, with the id
+`domain-<first 12 hex digits of the weights' sha256>`, and is a torch-fidelity
 feature extractor (registered as `enat-domain`; its weights location is torch-fidelity's
 `feature_extractor_weights_path`). It provides:
 - '128': the globally pooled last conv features (FID, KID),
@@ -14,82 +15,34 @@ Any input size is resized to the training resolution first.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-from torch import Tensor, nn
+from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from tqdm import tqdm
 
 from evaluation.image_sets import ImageSet, ImageSetError, read_all
+from models.classifier import FEATURE_DIM, DomainNet, normalise_pixels
 from models.device import pick_device
 from models.typed_config import check
-from pipelines import storage
+from pipelines import model_io
 from pipelines.sources import SOURCE_KINDS
 
 EXTRACTOR_NAME = "enat-domain"  # torch-fidelity registry name
-FEATURE_DIM = 128
 FEATURE_LAYER = str(FEATURE_DIM)
-WEIGHTS_NAME = "extractor.safetensors"
-META_NAME = "extractor.json"
-
-
-class DomainNet(nn.Module):
-    """Three conv stages (two 3x3 convs each, then 2x2 max-pool), a conv to FEATURE_DIM
-    channels, global average pooling, a linear classifier. ~0.15M parameters at width 16."""
-
-    def __init__(self, num_classes: int, width: int = 16):
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels = 3
-        for out in (width, 2 * width, 4 * width):
-            for _ in range(2):
-                layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
-                           nn.ReLU(inplace=True)]
-                channels = out
-            layers.append(nn.MaxPool2d(2))
-        layers += [nn.Conv2d(channels, FEATURE_DIM, 3, padding=1, bias=False), nn.BatchNorm2d(FEATURE_DIM),
-                   nn.ReLU(inplace=True)]
-        self.body = nn.Sequential(*layers)
-        self.dropout = nn.Dropout(0.2)
-        self.head = nn.Linear(FEATURE_DIM, num_classes)
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Normalised float images [B, 3, R, R] -> (features [B, 128], logits [B, classes])."""
-        features = self.body(images).mean(dim=(2, 3))
-        return features, self.head(self.dropout(features))
 
 
 def normalise(images: Tensor, resolution: int) -> Tensor:
-    """uint8 [B, 3, H, W] -> float at `resolution`, roughly zero-mean unit-scale."""
+    """uint8 [B, 3, H, W] -> the classifier's float input at `resolution`."""
     x = images.float() / 255.0
     if x.shape[-2:] != (resolution, resolution):
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
                           align_corners=False)
-    return (x - 0.5) / 0.25
-
-
-def load_domain_net(url: str, device: str | torch.device = "cpu") -> tuple[DomainNet, dict]:
-    """The saved extractor at `url` (eval mode) and its metadata."""
-    meta_url = storage.join(url, META_NAME)
-    if not storage.exists(meta_url):
-        raise FileNotFoundError(f"no domain feature extractor at {url} (expected {META_NAME}); "
-                                f"train one with `enat eval train-features`")
-    meta = json.loads(storage.read_bytes(meta_url))
-    data = storage.read_bytes(storage.join(url, WEIGHTS_NAME))
-    if f"domain-{hashlib.sha256(data).hexdigest()[:12]}" != meta["id"]:
-        raise ValueError(f"domain extractor at {url}: weights do not match the id {meta['id']} in "
-                         f"{META_NAME} (a partial or edited copy); retrain or recopy it")
-    net = DomainNet(len(meta["classes"]), meta["width"])
-    net.load_state_dict(load_safetensors(data), strict=True)
-    return net.to(device).eval(), meta
+    return normalise_pixels(x)
 
 
 class DomainFeatureExtractor(FeatureExtractorBase):
@@ -101,7 +54,7 @@ class DomainFeatureExtractor(FeatureExtractorBase):
         if not feature_extractor_weights_path:
             raise ValueError(f"the {EXTRACTOR_NAME} extractor needs feature_extractor_weights_path "
                              f"(the folder `enat eval train-features` wrote)")
-        self.net, self.meta = load_domain_net(feature_extractor_weights_path)
+        self.net, self.meta = model_io.load_classifier(feature_extractor_weights_path)
         self.extractor_id = self.meta["id"]
         self.requires_grad_(False)
 
@@ -250,15 +203,9 @@ def train_domain_extractor(config: FeatureTrainConfig, progress: bool = True) ->
     train_accuracy = accuracy(net, x[train_idx], y[train_idx])
     eval_seconds = time.monotonic() - started
 
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    weights = save_safetensors(state)
-    meta = {"id": f"domain-{hashlib.sha256(weights).hexdigest()[:12]}", "kind": EXTRACTOR_NAME,
-            "feature_dim": FEATURE_DIM, "width": config.width, "resolution": config.resolution,
-            "classes": classes, "data": config.data, "images": len(labels), "skipped": images_set.skipped,
-            "train_images": len(train_idx), "holdout_images": len(held_idx),
-            "holdout_accuracy": held_accuracy, "train_accuracy": train_accuracy,
-            "read_seconds": read_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-            "config": asdict(config)}
-    storage.write_bytes(storage.join(config.out, WEIGHTS_NAME), weights)
-    storage.write_bytes(storage.join(config.out, META_NAME), json.dumps(meta, indent=1).encode())
-    return meta
+    return model_io.save_classifier(config.out, net, {
+        "kind": EXTRACTOR_NAME, "feature_dim": FEATURE_DIM, "width": config.width,
+        "resolution": config.resolution, "classes": classes, "data": config.data, "images": len(labels),
+        "skipped": images_set.skipped, "train_images": len(train_idx), "holdout_images": len(held_idx),
+        "holdout_accuracy": held_accuracy, "train_accuracy": train_accuracy, "read_seconds": read_seconds,
+        "train_seconds": train_seconds, "eval_seconds": eval_seconds, "config": asdict(config)})

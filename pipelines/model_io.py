@@ -4,6 +4,10 @@ This is how a trained tokenizer reaches pretokenization, and how a training run'
 weights reach evaluation, without DeepSpeed or pickle. The model's id is its config kind
 plus the first 12 hex digits of the weights' sha256, so shards record exactly which
 weights made them.
+
+Domain classifiers (models/classifier.py: the FID extractor, the tokenizer's perceptual
+network) are saved as `extractor.safetensors` + `extractor.json` (classes, width,
+resolution, held-out accuracy), with the id `domain-<sha12 of the weights>`.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from models import build_config, build_model, config_to_dict
+from models.classifier import DomainNet
 from models.config import ModelConfig
 from pipelines import storage
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+CLASSIFIER_WEIGHTS = "extractor.safetensors"
+CLASSIFIER_META = "extractor.json"
 
 
 @dataclass
@@ -60,3 +67,34 @@ def load_model(url: str, device: str | torch.device = "cpu") -> LoadedModel:
     model = build_model(config)
     model.load_state_dict(load_safetensors(data), strict=True)
     return LoadedModel(model.to(device).eval(), config, hashlib.sha256(data).hexdigest(), url)
+
+
+def classifier_id(weights: bytes) -> str:
+    return f"domain-{hashlib.sha256(weights).hexdigest()[:12]}"
+
+
+def save_classifier(url: str, net: DomainNet, meta: dict) -> dict:
+    """Publish a trained classifier (weights first, metadata last); returns the metadata
+    with its `id`. `meta` must hold `classes`, `width` and `resolution`."""
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    weights = save_safetensors(state)
+    meta = {"id": classifier_id(weights), **meta}
+    storage.write_bytes(storage.join(url, CLASSIFIER_WEIGHTS), weights)
+    storage.write_bytes(storage.join(url, CLASSIFIER_META), json.dumps(meta, indent=1).encode())
+    return meta
+
+
+def load_classifier(url: str, device: str | torch.device = "cpu") -> tuple[DomainNet, dict]:
+    """The classifier saved at `url` (eval mode) and its metadata; the weights must match the id."""
+    meta_url = storage.join(url, CLASSIFIER_META)
+    if not storage.exists(meta_url):
+        raise FileNotFoundError(f"no domain classifier at {url} (expected {CLASSIFIER_META}); "
+                                f"train one with `enat eval train-features`")
+    meta = json.loads(storage.read_bytes(meta_url))
+    data = storage.read_bytes(storage.join(url, CLASSIFIER_WEIGHTS))
+    if classifier_id(data) != meta["id"]:
+        raise ValueError(f"domain classifier at {url}: weights do not match the id {meta['id']} in "
+                         f"{CLASSIFIER_META} (a partial or edited copy); retrain or recopy it")
+    net = DomainNet(len(meta["classes"]), meta["width"])
+    net.load_state_dict(load_safetensors(data), strict=True)
+    return net.to(device).eval(), meta

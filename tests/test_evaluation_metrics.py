@@ -14,7 +14,7 @@ import torch_fidelity
 from PIL import Image
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from evaluation.features import EXTRACTOR_NAME, WEIGHTS_NAME, FeatureTrainConfig, train_domain_extractor
+from evaluation.features import EXTRACTOR_NAME, FeatureTrainConfig, train_domain_extractor
 from evaluation.image_sets import ImageSet, ImageTensors, read_all
 from evaluation.metrics import (
     ExtractorMismatch,
@@ -30,6 +30,7 @@ from evaluation.metrics import (
     reference_stats,
 )
 from pipelines.demo_data import DemoDataConfig, make_demo_data
+from pipelines.model_io import CLASSIFIER_WEIGHTS
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +107,7 @@ def test_fid_against_stats_equals_fid_against_files(demo, extractor, tmp_path):
 
 def test_extractor_registered_and_its_id_stored(demo, extractor, tmp_path):
     assert FEATURE_EXTRACTORS_REGISTRY[EXTRACTOR_NAME].__name__ == "DomainFeatureExtractor"
-    weights = (Path(demo["extractor_url"]) / WEIGHTS_NAME).read_bytes()
+    weights = (Path(demo["extractor_url"]) / CLASSIFIER_WEIGHTS).read_bytes()
     assert extractor.extractor_id == f"domain-{hashlib.sha256(weights).hexdigest()[:12]}"
     stats = compute_fid_stats(FidStatsConfig(images=f"imagenet:{demo['tree']}", out=str(tmp_path / "s.npz"),
                                              extractor=demo["extractor_url"], resolution=32, limit=50,

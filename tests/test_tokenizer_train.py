@@ -5,6 +5,7 @@ pretokenization loads, and the metrics' arithmetic."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -15,9 +16,11 @@ from PIL import Image
 
 from cluster.cli import main as cli_main
 from cluster.tokenizer_cmd import resolve_model
+from models.classifier import DomainNet, FeatureDistance
+from models.typed_config import ConfigError
 from pipelines import storage
 from pipelines.demo_data import DemoDataConfig, make_demo_data
-from pipelines.model_io import load_model
+from pipelines.model_io import load_model, save_classifier
 from trainer import checkpoint
 from trainer.image_data import held_out_score, load_image_set
 from trainer.tokenizer_quality import codebook_stats, psnr
@@ -196,6 +199,53 @@ def test_interrupted_checkpoint_is_never_trusted_and_the_rerun_resumes_exactly(
     assert run.info.status == "FINISHED"
 
 
+# ---- the perceptual loss ----
+
+def test_feature_distance_is_zero_for_equal_images_and_trains_only_the_images() -> None:
+    torch.manual_seed(0)
+    distance = FeatureDistance(DomainNet(num_classes=3, width=4)).train()
+    assert not distance.net.training  # batch norm stays on its running statistics
+    images = torch.rand(4, 3, 32, 32)
+    assert float(distance(images, images)) == pytest.approx(0.0, abs=1e-6)
+    reconstructions = (images + 0.2 * torch.randn_like(images)).requires_grad_()
+    value = distance(images, reconstructions)
+    assert value.item() > 0.01
+    value.backward()
+    assert reconstructions.grad is not None and float(reconstructions.grad.abs().sum()) > 0
+    assert all(p.grad is None and not p.requires_grad for p in distance.net.parameters())
+    # Closer reconstructions are nearer.
+    assert float(distance(images, images + 0.02 * torch.randn_like(images))) < float(value)
+
+
+def saved_classifier(url: str, resolution: int = 32) -> dict:
+    torch.manual_seed(0)
+    return save_classifier(url, DomainNet(num_classes=2, width=4),
+                           {"classes": ["a", "b"], "width": 4, "resolution": resolution})
+
+
+def test_perceptual_loss_is_trained_logged_and_recorded(demo_images, tmp_path, mlflow_db) -> None:
+    meta = saved_classifier(str(tmp_path / "perceptual"))
+    config = fast_config(str(demo_images), str(tmp_path / "root"), run="perceptual",
+                         perceptual=str(tmp_path / "perceptual"), perceptual_weight=0.5)
+    result = train(config)
+    assert load_model(result.export_url).model is not None
+    exported = json.loads(storage.read_bytes(storage.join(result.export_url, "config.json")))
+    assert exported["perceptual_id"] == meta["id"]
+    assert checkpoint.latest(config.root, config.run).meta["perceptual_id"] == meta["id"]
+    from mlflow.tracking import MlflowClient
+
+    (run,) = mlflow_runs(mlflow_db, "perceptual")
+    history = MlflowClient(mlflow_db).get_metric_history(run.info.run_id, "perceptual")
+    assert [m.step for m in history] == [2, 4, 6] and all(m.value > 0 for m in history)
+
+
+def test_perceptual_classifier_of_another_resolution_is_refused(demo_images, tmp_path) -> None:
+    saved_classifier(str(tmp_path / "perceptual"), resolution=64)
+    config = fast_config(str(demo_images), str(tmp_path / "root"), perceptual=str(tmp_path / "perceptual"))
+    with pytest.raises(ConfigError, match="'perceptual'"):
+        train(config)
+
+
 @pytest.mark.integration
 def test_cli_trains_from_and_into_seaweedfs(demo_images, s3_bucket, mlflow_db, capsys) -> None:
     source = storage.join(s3_bucket, "images")
@@ -227,6 +277,7 @@ def test_cli_trains_from_and_into_seaweedfs(demo_images, s3_bucket, mlflow_db, c
     ("held_out_share=1.5", "held_out_share"),
     ("run=a/b", "run"),
     ("threads=3", "threads"),
+    ("perceptual_weight=-1", "perceptual_weight"),
     ("stepz=3", "stepz"),
 ])
 def test_bad_config_exits_2_naming_the_key(override, key, tmp_path, capsys) -> None:

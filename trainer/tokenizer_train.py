@@ -1,25 +1,17 @@
 """Train the VQGAN tokenizer from an image folder: checkpoints, resume, export, MLflow.
 
-Losses: L1 + L2 reconstruction, plus the quantizer's codebook loss (moves codes towards
-encoder outputs) and commitment loss (keeps encoder outputs near their codes). Perceptual
-and adversarial losses need pretrained networks that cannot be downloaded here, so they
-enter through `extra_losses` (see `ExtraLoss`).
+Losses: L1 + L2 reconstruction, the quantizer's codebook loss (moves codes towards
+encoder outputs) and commitment loss (keeps encoder outputs near their codes), and, with
+`perceptual=<classifier URL>`, a feature distance through a classifier trained on the same
+images (models/classifier.py; LPIPS weights cannot be downloaded here). Other terms (an
+adversarial loss, say) enter through `extra_losses` (see `ExtraLoss`).
 
-Codebook collapse is kept away by two things that work together:
-- l2-normalised codes (a preset option, ViT-VQGAN): matching is by cosine similarity, so
-  a code cannot go unused just because its norm drifted away from the encoder outputs;
-- dead-code restarts: a code unused for `dead_code_steps` steps is moved onto a random
-  encoder output of the current batch, where it is used again at once. This costs nothing
-  per step (no EMA statistics), and unlike EMA updates it also revives codes that never
-  won a single assignment after initialisation.
-With both, every configuration tried on the demo emoji ended using 97-100% of the 256
-codes on the held-out images (perplexity 185-231).
-
-The quantizer is not what limits PSNR on the demo: EMA codebook updates (decay 0.99)
-matched gradient-trained codes (19.94 vs 19.95 dB at 800 steps), and the same network
-with an unquantised 4-d bottleneck reached only 20.7 dB at 800 steps. What is slow is
-the network itself (see the step figures on TokenizerTrainConfig), so the recipe is
-plain: gradient-trained codes, restarts, a PSNR-leaning L1 + L2 mix, more steps.
+Codebooks: l2-normalised codes (ViT-VQGAN) match by cosine similarity, so a code cannot
+go unused just because its norm drifted; dead-code restarts (`dead_code_steps`) move codes
+unused that long onto encoder outputs. Restarts fill a codebook but spread flat regions
+over many ids, which a generator then cannot predict: the demo turns them off (the
+measurements are in configs/models/tiny-tokenizer.yaml). EMA codebook updates matched
+gradient-trained codes (19.94 vs 19.95 dB at 800 steps), so codes are gradient-trained.
 
 Layout under {root}/runs/<run>/: checkpoints/step-<n>/ (model.safetensors, optimizer.pt,
 state.safetensors, then checkpoint.json last: as for every trainer checkpoint, a folder
@@ -53,6 +45,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models import VQGAN, VQGANConfig, config_to_dict
+from models.classifier import FeatureDistance
 from models.device import pick_device
 from models.typed_config import ConfigError, check, to_dict
 from pipelines import model_io, storage
@@ -101,6 +94,11 @@ class TokenizerTrainConfig:
     codebook_weight: float = 1.0
     commitment_weight: float = 0.25
     dead_code_steps: int = 100  # restart codes unused this many steps; 0 = never
+    # Perceptual loss: a classifier trained on the same images (`enat eval train-features`,
+    # never the FID extractor itself) whose features the reconstruction must keep
+    # (models/classifier.FeatureDistance). "" = pixel losses only.
+    perceptual: str = ""
+    perceptual_weight: float = 0.1
     flip: bool = True  # random horizontal flips
     log_every: int = 100
     eval_every: int = 400
@@ -124,7 +122,7 @@ class TokenizerTrainConfig:
         check(self.lr > 0, "lr", "> 0", self.lr)
         check(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
         check(self.dead_code_steps >= 0, "dead_code_steps", ">= 0 (0 = never)", self.dead_code_steps)
-        for key in ("l1_weight", "l2_weight", "codebook_weight", "commitment_weight"):
+        for key in ("l1_weight", "l2_weight", "codebook_weight", "commitment_weight", "perceptual_weight"):
             check(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
         check(0.0 <= self.held_out_share < 1.0, "held_out_share", "in [0, 1)", self.held_out_share)
         check(self.grid_images >= 0, "grid_images", ">= 0", self.grid_images)
@@ -248,6 +246,12 @@ class _TokenizerTraining:
                                              progress)
         print(f"tokenizer data: {self.data.summary()}", flush=True)
         self.train_images = self.data.train.to(self.device)
+        self.perceptual, perceptual_id = None, None
+        if config.perceptual:
+            net, meta = model_io.load_classifier(config.perceptual, self.device)
+            check(meta["resolution"] == config.resolution, "perceptual",
+                  f"a classifier trained at resolution {config.resolution}", config.perceptual)
+            self.perceptual, perceptual_id = FeatureDistance(net), meta["id"]
         # held_out_share=0 means "no held-out set": report on a few training images instead.
         self.eval_images = self.data.held_out if len(self.data.held_out) else self.data.train[:64]
 
@@ -273,7 +277,7 @@ class _TokenizerTraining:
                                      "held_out_images": len(self.data.held_out),
                                      "rejected_images": len(self.data.rejected)})
         self.meta = {"config": to_dict(config), "model": config_to_dict(model_config),
-                     "mlflow_run_id": self.tracker.run_id}
+                     "mlflow_run_id": self.tracker.run_id, "perceptual_id": perceptual_id}
 
     def batch(self, step: int) -> Tensor:
         config = self.config
@@ -298,6 +302,9 @@ class _TokenizerTraining:
                  "codebook_loss": codebook_loss, "commitment_loss": commitment_loss}
         loss = (config.l1_weight * terms["l1"] + config.l2_weight * terms["l2"]
                 + config.codebook_weight * codebook_loss + config.commitment_weight * commitment_loss)
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(images, reconstruction)
+            loss = loss + config.perceptual_weight * terms["perceptual"]
         for index, extra in enumerate(self.extra_losses):
             terms[f"extra_{index}"] = extra(images, reconstruction, step)
             loss = loss + terms[f"extra_{index}"]
@@ -361,7 +368,8 @@ class _TokenizerTraining:
         export_url = storage.join(config.run_url, "export")
         model_io.save_model(export_url, self.model, self.model.config, extra={
             "run": config.run, "step": step, "source": config.source,
-            "held_out_psnr": result.psnr, "codebook_usage": result.codebook_usage})
+            "held_out_psnr": result.psnr, "codebook_usage": result.codebook_usage,
+            "perceptual_id": self.meta["perceptual_id"]})
         self.tracker.set_tags({"export_url": export_url, "grid_url": grid_url})
         self.tracker.finish()
         return export_url, grid_url
