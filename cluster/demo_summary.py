@@ -31,7 +31,9 @@ def _json(url: str) -> dict[str, Any]:
 def search_figures(url: str, steps: int) -> dict[str, Any]:
     """Evaluations run and wall time of the search whose outputs are at `url`."""
     summary, state = _json(storage.join(url, "summary.json")), _json(storage.join(url, "search_state.json"))
-    evaluations = len(state.get("history", [])) * (4 * steps - 1) + len(state.get("results", {}))
+    # A full update is 4T-1 evaluations; the last step's point alone is one (no gradient).
+    evaluations = sum(1 if update.get("gradient") is None else 4 * steps - 1
+                      for update in state.get("history", [])) + len(state.get("results", {}))
     return {"evaluations": evaluations, "wall_s": summary.get("wall_s"),
             "best_fid_search_seeds": summary.get("best_fid_search_seeds"),
             "strategy": summary.get("strategy_url")}

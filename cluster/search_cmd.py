@@ -38,7 +38,7 @@ class SearchConfig:
     steps: int = 8
     initial: str = "default"  # starting strategy: "default" (cosine) or a YAML URL
     searcher: Literal["autonat", "optuna"] = "autonat"
-    updates: int = 2  # AutoNAT updates (each costs 4*steps-1 evaluations)
+    updates: int = 2  # AutoNAT updates (4*steps-1 evaluations each, + 1 to score the last step)
     evaluations: int = 0  # budget for other searchers (0 = the AutoNAT budget)
     num_samples: int = 500  # images per evaluation
     batch_size: int = 100

@@ -2,7 +2,8 @@
 
 `AutoNATSearcher` adapts the pure optimizer in evaluation/schedule_search.py to Tune's
 Searcher interface: it hands out the 4T-1 evaluations of the current update as
-concurrent trials, takes the step when the last one reports, and persists its JSON
+concurrent trials, takes the step when the last one reports (after the last update, it
+only evaluates the point that step reached), and persists its JSON
 state to storage after every result, so a killed driver resumes the current update
 instead of restarting the search. `run_search` drives either it or a standard Tune
 searcher (Optuna) over the same space and the same evaluation budget.
@@ -38,15 +39,19 @@ class AutoNATSearcher(Searcher):
         self.max_failures = max_failures
 
     @property
+    def measuring_last_step(self) -> bool:
+        return self.search.update == self.max_updates
+
+    @property
     def failed(self) -> bool:
         """Some evaluation failed `max_failures` times: stop instead of retrying forever."""
         return any(count >= self.max_failures for count in self.failures.values())
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        if self.search.update >= self.max_updates or self.failed:
+        if self.search.update > self.max_updates or self.failed:
             return Searcher.FINISHED
         busy = {e.key for e in self.in_flight.values()}
-        waiting = [e for e in self.search.pending() if e.key not in busy]
+        waiting = [e for e in self.search.pending(self.measuring_last_step) if e.key not in busy]
         if not waiting:
             return None  # the rest of this update is running; Tune asks again later
         evaluation = waiting[0]
@@ -62,7 +67,7 @@ class AutoNATSearcher(Searcher):
             # Stays pending, so a later trial retries it (up to max_failures times).
             self.failures[evaluation.key] = self.failures.get(evaluation.key, 0) + 1
             return
-        self.search.record(evaluation, result["fid"])
+        self.search.record(evaluation, result["fid"], base_only=evaluation.update == self.max_updates)
         self.persist()
 
     def persist(self) -> None:

@@ -12,6 +12,10 @@ Ratios are not forced to be non-increasing: a non-monotone schedule is still val
 because every step reveals at least one token (Strategy.masked_counts). Set
 `monotone_ratios` to project them onto non-increasing sequences after each update.
 
+After the last update the search measures where its step landed (one evaluation of the
+new point, no differences around it): `pending(base_only=True)` / `record(..., base_only=True)`.
+So `updates` steps cost updates * (4T-1) + 1 evaluations, and every step taken is scored.
+
 The state is plain JSON (`to_json`/`from_json`), so an interrupted search resumes: the
 evaluations already finished for the current update are kept and only the missing ones
 are asked for again.
@@ -106,31 +110,43 @@ class AutoNATSearch:
             points.append(Evaluation(self.update, i, moved))
         return points
 
-    def pending(self) -> list[Evaluation]:
-        return [e for e in self.evaluations() if e.key not in self.results]
+    def pending(self, base_only: bool = False) -> list[Evaluation]:
+        """The current update's evaluations without a result; `base_only`: its base point
+        alone (measuring the last step's landing point, with no step to follow)."""
+        points = self.evaluations()[:1] if base_only else self.evaluations()
+        return [e for e in points if e.key not in self.results]
 
-    def record(self, evaluation: Evaluation, fid: float) -> bool:
-        """Store one result; when the update's last result arrives, take the step.
-        Returns True when an update was completed. Results of other updates are ignored."""
+    def record(self, evaluation: Evaluation, fid: float, base_only: bool = False) -> bool:
+        """Store one result; when the update's last result arrives, take the step (or, with
+        `base_only`, only log the base point). Returns True when an update was completed.
+        Results of other updates are ignored."""
         if evaluation.update != self.update:
             return False
         self.results[evaluation.key] = float(fid)
-        if self.pending():
+        if self.pending(base_only):
             return False
-        self._step()
+        if base_only:
+            self._close({"gradient": None})
+        else:
+            self._step()
         return True
 
     def _step(self) -> None:
         base = self.results[f"{self.update}:-1"]
         gradient = [(self.results[f"{self.update}:{i}"] - base) / self.delta(i)
                     for i in range(len(self.params))]
-        self.history.append({"update": self.update, "base_fid": base, "params": list(self.params),
-                             "gradient": gradient})
+        params = list(self.params)
         for i, g in enumerate(gradient):
             self.velocity[i] = self.hyper.momentum * self.velocity[i] + g
             lr = self.hyper.ratio_lr if self.is_ratio(i) else self.hyper.other_lr
             self.params[i] -= lr * self.velocity[i]
         self._clip()
+        self._close({"params": params, "gradient": gradient})
+
+    def _close(self, entry: dict) -> None:
+        """Log the update (its base point's FID and parameters) and move to the next one."""
+        self.history.append({"update": self.update, "base_fid": self.results[f"{self.update}:-1"],
+                             "params": list(self.params), **entry})
         self.update += 1
         self.results = {}
 

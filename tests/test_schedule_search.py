@@ -97,3 +97,19 @@ def test_interrupted_update_resumes_from_json_without_redoing_finished_points():
     assert restored.update == 1 and restored.params == pytest.approx(reference.params)
     # A late result from an older update is ignored.
     assert not restored.record(points[0], 123.0)
+
+
+def test_the_last_step_is_measured_with_one_evaluation_and_can_win():
+    objective = quadratic([0.5] * 14)
+    hyper = SearchHyperparameters(ratio_lr=0.1, other_lr=0.1, ratio_delta=1e-3, other_delta=1e-3)
+    search = AutoNATSearch.start(Strategy.default(4), hyper)
+    run(search, objective, 1)  # one full update: the step is taken, not yet scored
+    stepped = list(search.params)
+    (final,) = search.pending(base_only=True)
+    assert final.coordinate == -1 and final.vector == stepped
+    assert search.record(final, objective(final.vector), base_only=True)
+    assert search.update == 2 and search.params == stepped  # measured, not moved
+    assert [h["gradient"] is None for h in search.history] == [False, True]
+    best, best_fid = search.best()
+    assert best_fid == objective(stepped) < search.history[0]["base_fid"]
+    assert to_vector(best) == pytest.approx(stepped)

@@ -49,11 +49,12 @@ def test_autonat_searcher_runs_updates_as_tune_trials_and_improves(local_ray, tm
     state = str(tmp_path / "state.json")
     result = run_search(quadratic_factory, initial, TuneSettings("t1", str(tmp_path / "tune")),
                         updates=3, state_url=state, hyper=HYPER)
-    assert len(result["trials"]) == 3 * 15  # 4T-1 evaluations per update
+    assert len(result["trials"]) == 3 * 15 + 1  # 4T-1 evaluations per update, then the last step's point
     fids = [h["base_fid"] for h in result["history"]]
-    assert len(fids) == 3 and fids[2] < fids[1] < fids[0]
+    assert len(fids) == 4 and fids[3] < fids[2] < fids[1] < fids[0]
+    assert result["best_fid"] == fids[3]
     saved = AutoNATSearch.from_json(open(state).read())
-    assert saved.update == 3 and saved.strategy() == result["final"]
+    assert saved.update == 4 and saved.strategy() == result["final"] == result["best"]
 
 
 @pytest.mark.integration
@@ -131,5 +132,5 @@ def test_killed_driver_resumes_the_current_update(tmp_path):
                            capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     after = json.loads(state.read_text())
-    assert after["update"] == 2
+    assert after["update"] == 3  # two updates, then the point the second one reached
     assert after["history"][0] == before["history"][0]  # update 0 was not redone
