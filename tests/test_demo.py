@@ -18,7 +18,7 @@ from cluster.train_cmd import load_train_config
 def test_every_stage_command_is_valid_for_the_cli(tmp_path):
     config = DemoConfig(work_dir=str(tmp_path / "out"))
     planned = stages(config, DemoPaths(config))
-    assert len(planned) == 16
+    assert len(planned) == 17
     assert planned[0].beside_next and not any(stage.beside_next for stage in planned[1:])
     for stage in planned:
         args = parse(stage.args)
