@@ -34,10 +34,10 @@ class DemoConfig:
     data: DemoDataConfig = field(default_factory=lambda: DemoDataConfig(out="demo-out/data"))
     tokenizer_steps: int = 1600
     extractor_epochs: int = 12
-    train_steps: int = 1500  # tiny ENAT and, for the comparison, tiny NAT; 2 Ray workers each
-    checkpoint_every: int = 750  # each ENAT checkpoint is evaluated as it lands
+    train_steps: int = 2000  # tiny ENAT and, for the comparison, tiny NAT; 2 Ray workers each
+    checkpoint_every: int = 1000  # each ENAT checkpoint is evaluated as it lands
     watch_samples: int = 200  # images per checkpoint evaluation
-    search_updates: int = 2  # AutoNAT updates of each search (4T-1 evaluations each)
+    search_updates: int = 1  # AutoNAT updates of each search (4T-1 evaluations each, + 1)
     search_samples: int = 200  # images per search evaluation
     final_samples: int = 1000  # images of the final evaluations (fresh seeds)
     text_steps: int = 600  # the text-to-image model on the CC3M-style shards
