@@ -39,6 +39,32 @@ def search_figures(url: str, steps: int) -> dict[str, Any]:
             "strategy": summary.get("strategy_url")}
 
 
+def training_figures(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
+    """Each generator's last training loss (label-smoothed, the last logging window) and
+    val_loss (EMA weights, no smoothing), beside the unigram entropy of the training ids:
+    a model whose loss sits near that entropy has learned only how often each id occurs."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from pipelines.shards import read_manifest, read_shard
+    from trainer.token_predictability import unigram_entropy
+
+    figures: dict[str, Any] = {}
+    if storage.exists(storage.join(paths.tokens, "manifest.json")):
+        manifest = read_manifest(paths.tokens)
+        ids = [sample.tokens.astype(np.int64) for url in manifest.shard_urls(paths.tokens)
+               for sample in read_shard(url)]
+        figures["unigram_entropy"] = unigram_entropy(torch.from_numpy(np.stack(ids)), manifest.codebook_size)
+        figures["uniform_entropy"] = math.log(manifest.codebook_size)
+    for name, run in (("enat", paths.run), ("nat", paths.nat_run)):
+        marker = storage.join(paths.checkpoint(run, config.train_steps), "checkpoint.json")
+        if metrics := _json(marker).get("metrics"):
+            figures[name] = {"loss": metrics.get("loss"), "val_loss": metrics.get("val_loss")}
+    return figures
+
+
 def collect(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
     from evaluation.watch import read_records
 
@@ -49,6 +75,7 @@ def collect(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
         "floor": _json(paths.floor),
         "final": evals,
         "classifier_real_accuracy": accuracy,
+        "training": training_figures(config, paths),
         "watch": {step: record.get("fid") for step, record in sorted(read_records(paths.run).items())},
         "search": {steps: search_figures(paths.search(steps), steps) for steps in (8, 4)},
     }
@@ -90,6 +117,14 @@ def render(figures: dict[str, Any], mlflow_uri: str, wall_s: float, picture: str
         lines.append(f"ENAT vs NAT (same width, depth, data, steps; 8-step default): FID {pair('fid')}, "
                      f"class consistency {pair('class_consistency')}, GFLOPs/image "
                      f"{pair('gflops_per_image', '.4f')}, images/s {pair('images_per_s', '.1f')}")
+    training = figures.get("training", {})
+    for name in ("enat", "nat"):
+        if name in training and "unigram_entropy" in training:
+            run = training[name]
+            lines.append(f"{name.upper()} training: loss {_fmt(run['loss'])} (label-smoothed), "
+                         f"val_loss {_fmt(run['val_loss'])} (no smoothing) vs the unigram entropy of the "
+                         f"training ids {training['unigram_entropy']:.3f} (uniform "
+                         f"{training['uniform_entropy']:.3f}) nats per token")
     for steps, search in figures["search"].items():
         if search["evaluations"]:
             lines.append(f"AutoNAT search, {steps} steps: {search['evaluations']} evaluations, "

@@ -6,13 +6,17 @@ reads the stages' own outputs."""
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 
 from cluster.cli import command_config, parse
 from cluster.demo import DemoConfig, DemoError, DemoPaths, Stage, run_stage, stages
 from cluster.demo_summary import collect, render
 from cluster.train_cmd import load_train_config
+from pipelines import storage
+from pipelines.shards import Manifest, TokenSample, write_manifest, write_shard
 
 
 def test_every_stage_command_is_valid_for_the_cli(tmp_path):
@@ -51,13 +55,26 @@ def test_summary_reads_the_stage_outputs(tmp_path):
             "images_per_s": 50.0, "grid": str(folder / "grid.png")}))
     (tmp_path / "floor.json").write_text(json.dumps({"fid": 0.5, "kid": 0.0, "num_samples": 950,
                                                      "reference_images": 951}))
+    # Training figures: ids spread evenly over 4 of 16 codes (unigram entropy ln 4), and the
+    # ENAT run's final checkpoint marker with its last metrics (the NAT run has none).
+    tokens = np.arange(4, dtype=np.uint16).repeat(16).reshape(8, 8)
+    write_shard(storage.join(paths.tokens, "train", "shard-000000.tar"),
+                [TokenSample(key=f"s{i}", tokens=np.roll(tokens, i), label=0) for i in range(3)])
+    write_manifest(paths.tokens, Manifest("vq-x", "0" * 64, 32, [8, 8], 16, classes=["a"],
+                                          splits={"train": [{"name": "shard-000000.tar", "count": 3}]}))
+    storage.write_bytes(storage.join(paths.checkpoint(paths.run, config.train_steps), "checkpoint.json"),
+                        json.dumps({"metrics": {"loss": 2.5, "val_loss": 1.25}}).encode())
     figures = collect(config, paths)
     assert figures["classifier_real_accuracy"] == 0.7 and not figures["final"]["text"]
+    assert figures["training"]["unigram_entropy"] == pytest.approx(math.log(4))
+    assert figures["training"]["enat"] == {"loss": 2.5, "val_loss": 1.25} and "nat" not in figures["training"]
     table = render(figures, "sqlite:///x.db", 600.0)
     assert "| searched-8 | 8 | 1000 | 3.000 | 0.0100 | 0.300 |" in table
     assert "| real vs real (floor) | - | 950 vs 951 | 0.500 | 0.0000 | 0.700 (classifier" in table
     assert "FID 3.000 vs 4.000 (+25.0% better)" in table
     assert "FID 4.000 vs 5.000, class consistency 0.400 vs 0.500" in table
+    assert "ENAT training: loss 2.500 (label-smoothed), val_loss 1.250 (no smoothing) vs the unigram " \
+           "entropy of the training ids 1.386 (uniform 2.773)" in table
     assert "mlflow ui --backend-store-uri sqlite:///x.db" in table
 
 
