@@ -3,8 +3,9 @@
 `decode_image` turns raw bytes into an RGB image or raises `RejectedInput` with a short
 reason (empty, not an image, truncated, absurd dimensions, too small). Unusual but valid
 modes (CMYK, 16-bit, palette, alpha) are converted, and the conversion is reported, so
-nothing is silent. `center_crop` is the ADM/U-ViT recipe: resize the shorter side to the
-resolution (box-halving first for large images), then crop the center.
+nothing is silent; an EXIF orientation tag is applied. `center_crop` is the ADM/U-ViT
+recipe: resize the shorter side to the resolution (box-halving first for large images),
+then crop the center.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Decompression-bomb guard: checked from the header, before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 12_000 * 12_000
@@ -38,10 +39,11 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     if mode in ("RGBA", "LA") or (mode == "P" and "transparency" in image.info):
         return _flatten_alpha(image), f"{mode} with alpha composited on white"
     if mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grey: scale to 8 bits instead of clipping (PIL's default clips).
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if array.max() > 255 else 255.0
-        grey = Image.fromarray((array / top * 255).round().astype(np.uint8))
+        # 16-bit grey (PIL opens 16-bit PNGs as "I;16" or "I"): scale by the bit depth, so
+        # a dark image stays dark (PIL's own conversion clips; scaling by the maximum would
+        # stretch it to full range).
+        array = np.asarray(image, dtype=np.float64).clip(0, 65535)
+        grey = Image.fromarray((array / 65535 * 255).round().astype(np.uint8))
         return grey.convert("RGB"), f"{mode} (16-bit) scaled to 8-bit"
     if mode in ("L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV"):
         note = None if mode == "L" else f"{mode} converted to RGB"
@@ -65,6 +67,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
             if min(width, height) < min_side:
                 raise RejectedInput(f"too small: {width}x{height} (min side {min_side})")
             image.load()  # decode now, so truncation shows up here
+            # Phone photos store pixels unrotated plus an EXIF orientation tag: apply it, as
+            # PIL viewers and torchvision's decoders do.
+            image = ImageOps.exif_transpose(image)
     except RejectedInput:
         raise
     except UnidentifiedImageError:

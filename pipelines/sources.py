@@ -124,21 +124,34 @@ def _files(url: str) -> list[tuple[str, str, int]]:
     return sorted(files)
 
 
-def _tar_members(url: str) -> tuple[list[tuple[str, int, int]], str | None]:
-    """(member name, data offset, size) of the tar's regular files, in tar order, and an
-    error text if the tar breaks off (members read until then are kept)."""
+def _unsafe_member(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member is not an input (links and escaping names), or None."""
+    if member.issym() or member.islnk():
+        return f"link member in tar (-> {member.linkname[:80]}): links are never followed"
+    if member.name.startswith("/") or ".." in member.name.split("/"):
+        return "unsafe member name in tar (absolute or with '..')"
+    return None
+
+
+def _tar_members(url: str) -> tuple[list[tuple[str, int, int]], list[tuple[str, str]], str | None]:
+    """(member name, data offset, size) of the tar's regular files, in tar order; (member
+    name, reason) of the members refused (links, escaping names); and an error text if the
+    tar breaks off (members read until then are kept)."""
     fs, path = storage.filesystem(url)
     members: list[tuple[str, int, int]] = []
+    refused: list[tuple[str, str]] = []
     try:
         with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
             for member in tar:
-                if member.isfile():
+                if reason := _unsafe_member(member):
+                    refused.append((member.name, reason))
+                elif member.isfile():
                     members.append((member.name.removeprefix("./"), member.offset_data, member.size))
     except (tarfile.TarError, OSError) as err:
         if isinstance(err, PermissionError):
             raise _refused(url) from None
-        return members, f"unreadable tar after {len(members)} members ({str(err)[:120]})"
-    return members, None
+        return members, refused, f"unreadable tar after {len(members)} members ({str(err)[:120]})"
+    return members, refused, None
 
 
 def _member_blob(url: str, start: int, size: int) -> Blob:
@@ -161,7 +174,8 @@ def _list_imagenet(url: str, split: str) -> Plan:
     for relative, full, size in _files(root):
         parts = relative.split("/")
         if relative.endswith(".tar"):
-            members, error = _tar_members(full)
+            members, refused, error = _tar_members(full)
+            rejected += [{"input": f"{relative}::{name}", "reason": reason} for name, reason in refused]
             for name, start, length in members:
                 cls = _class_of_member(name, relative, split)
                 candidates.append((cls, f"{relative}::{name}", _member_blob(full, start, length), length))
@@ -193,7 +207,8 @@ def _list_cc3m(url: str) -> Plan:
     items: list[InputItem] = []
     rejected: list[dict[str, str]] = []
     for relative, full in tars:
-        members, error = _tar_members(full)
+        members, refused, error = _tar_members(full)
+        rejected += [{"input": f"{relative}::{name}", "reason": reason} for name, reason in refused]
         for key, parts in _group_samples(members).items():
             source = f"{relative}::{key}"
             image_ext = next((e for e in CAPTION_IMAGE_EXTENSIONS if e in parts), None)

@@ -239,6 +239,41 @@ def test_cc3m_tars_on_s3_with_caption_embeddings(ray_local, s3_bucket, tokenizer
 
 # --- bad input ---------------------------------------------------------------------------------
 
+def test_exif_orientation_is_applied_and_16_bit_scales_by_bit_depth():
+    stored = Image.new("RGB", (40, 20), (255, 0, 0))
+    stored.paste((0, 0, 255), (20, 0, 40, 20))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif.tobytes())
+    shown, note = decode_image(buffer.getvalue())
+    pixels = np.asarray(shown).astype(int)
+    assert shown.size == (20, 40) and note is None
+    assert pixels[2, 10, 0] > 200 > pixels[2, 10, 2] and pixels[-3, 10, 2] > 200 > pixels[-3, 10, 0]
+    dark = (np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) % 1000)  # at most 1.5% of 65535
+    grey, note = decode_image(encoded(Image.fromarray(dark), "PNG"))
+    assert "16-bit" in note and np.asarray(grey).max() == round(999 / 65535 * 255)
+
+
+def test_tar_links_and_escaping_names_are_rejected_with_reasons(demo, tmp_path):
+    good = sorted((demo / "imagenet" / "train" / "flags").glob("*.png"))[0].read_bytes()
+    root = tmp_path / "raw" / "train"
+    root.mkdir(parents=True)
+    with tarfile.open(root / "flags.tar", "w") as tar:
+        for name in ("ok.png", "../escape.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(good)
+            tar.addfile(info, io.BytesIO(good))
+        link = tarfile.TarInfo("passwd.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    plan = plan_source(f"imagenet:{tmp_path / 'raw'}")
+    assert [item.source for item in plan.items] == ["flags.tar::ok.png"]
+    reasons = {r["input"]: r["reason"] for r in plan.rejected}
+    assert reasons["flags.tar::../escape.png"].startswith("unsafe member name in tar")
+    assert reasons["flags.tar::passwd.png"].startswith("link member in tar (-> /etc/passwd)")
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_bad_inputs_are_listed_once_with_reasons_and_never_stop_the_job(ray_local, tokenizer_dir, demo,
