@@ -46,6 +46,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                                         "lr=4e-3", "warmup_steps=50"]),
     "width-128-lr-2e-3": ("tiny-enat-demo", [*BASE, "lr=2e-3", "model.width=128"]),
     "2000-steps-lr-3e-3": ("tiny-enat-demo", ["steps=2000", "batch_size=64", "precision=fp32", "lr=3e-3"]),
+    "2000-steps-lr-3e-3-no-smoothing": ("tiny-enat-demo", ["steps=2000", "batch_size=64", "precision=fp32",
+                                                           "lr=3e-3", "masking.label_smoothing=0"]),
 }
 
 
