@@ -58,3 +58,14 @@ def test_resume_checks_name_what_differs(tmp_path):
         checkpoint.check_resumable(saved, 4, 2, {"kind": "enat", "width": 64})
     with pytest.raises(CheckpointError, match="holds another model \\(differs in: width\\)"):
         checkpoint.check_resumable(saved, 2, 2, {"kind": "enat", "width": 96})
+
+
+def test_marker_names_outside_the_folder_are_refused():
+    files = ["deepspeed/mp_rank_00_model_states.pt", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt", "ema/model.safetensors"]
+    good = checkpoint.Checkpoint("s3://b/runs/r/checkpoints/step-4", 4, {"files": files})
+    assert checkpoint.engine_files(good, 1) == [files[0], files[2]]
+    for evil in ("deepspeed/../../../home/user/.bashrc", "deepspeed/..\\..\\x"):
+        bad = checkpoint.Checkpoint(good.url, 4, {"files": [*files, evil]})
+        with pytest.raises(CheckpointError, match="a path outside the checkpoint folder"):
+            checkpoint.engine_files(bad, 0)

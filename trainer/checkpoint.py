@@ -225,12 +225,25 @@ def check_resumable(checkpoint: Checkpoint, world_size: int, zero_stage: int, mo
                               f"resume with its model config or start a new run")
 
 
-def load(checkpoint: Checkpoint, engine: Any, ema: Any) -> dict[str, Any] | None:
-    """Collective: restore the engine and EMA; returns this rank's data position (or None)."""
-    rank = dist.get_rank()
+def engine_files(checkpoint: Checkpoint, rank: int) -> list[str]:
+    """The engine files rank `rank` downloads: the shared ones and its own ZeRO partition.
+    Names come from the marker, which anyone who can write the bucket can edit: one that
+    would land outside the download folder is refused."""
     own = f"zero_pp_rank_{rank}_"
     needed = [f for f in checkpoint.meta["files"] if f.startswith(f"{DEEPSPEED_DIR}/")
               and ("zero_pp_rank_" not in f or posixpath.basename(f).startswith(own))]
+    for name in needed:
+        if ".." in name.split("/") or "\\" in name:
+            raise CheckpointError(f"{checkpoint.url}: its marker lists '{name}', a path outside the "
+                                  f"checkpoint folder; enat never writes such names: delete that step "
+                                  f"folder to resume from the one before")
+    return needed
+
+
+def load(checkpoint: Checkpoint, engine: Any, ema: Any) -> dict[str, Any] | None:
+    """Collective: restore the engine and EMA; returns this rank's data position (or None)."""
+    rank = dist.get_rank()
+    needed = engine_files(checkpoint, rank)
     folder = _Folder(checkpoint.url)
     with tempfile.TemporaryDirectory(prefix=f"enat-resume-{rank}-") as tmp:
         for name in needed:
