@@ -86,7 +86,10 @@ def checkpoints_of(run_url: str) -> list[tuple[int, str, int]]:
     complete, _ = checkpoint.scan(root, run)
     found = []
     for ckpt in complete:
-        config = json.loads(storage.read_bytes(storage.join(ckpt.url, checkpoint.CONFIG_NAME)))
+        try:
+            config = json.loads(storage.read_bytes(storage.join(ckpt.url, checkpoint.CONFIG_NAME)))
+        except FileNotFoundError:
+            continue  # pruned between the listing and this read: nothing left to evaluate
         found.append((ckpt.step, ckpt.url, int(config["steps"])))
     return found
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cluster.cli import main
-from evaluation.watch import read_records
+from evaluation.watch import checkpoints_of, read_records
 from models import VQGANConfig, build_model
 from pipelines import storage
 from pipelines.model_io import load_model, save_model
@@ -101,3 +101,14 @@ def test_watch_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "training run folder" in capsys.readouterr().err
     assert main(["eval", "watch", f"{tmp_path}/runs/r", "follow=false"]) == 2
     assert "reference" in capsys.readouterr().err
+
+
+def test_a_checkpoint_pruned_between_listing_and_reading_is_skipped(tmp_path):
+    root = str(tmp_path / "root")
+    for step in (10, 20):
+        url = checkpoint.step_url(root, "r", step)
+        storage.write_bytes(storage.join(url, checkpoint.CONFIG_NAME), json.dumps({"steps": 20}).encode())
+        storage.write_bytes(storage.join(url, checkpoint.MARKER), json.dumps({"step": step}).encode())
+    # Pruning deletes step 10's files after the watcher listed its marker.
+    storage.remove(storage.join(checkpoint.step_url(root, "r", 10), checkpoint.CONFIG_NAME))
+    assert checkpoints_of(f"{root}/runs/r") == [(20, checkpoint.step_url(root, "r", 20), 20)]
