@@ -273,6 +273,9 @@ def ensure_bucket(endpoint: S3Endpoint, bucket: str = DEFAULT_BUCKET) -> None:
 
 def up(state_dir: Path, with_mlflow_server: bool = False) -> dict[str, str]:
     """Start what is not running; returns the environment that points at it."""
+    # Credentials, the data and the MLflow store live here: this user's alone.
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
     endpoint = SeaweedFS(state_dir).start()
     ensure_bucket(endpoint)
     if with_mlflow_server:

@@ -24,6 +24,7 @@ def test_up_is_idempotent_status_tells_the_truth_and_down_stops(tmp_path):
     try:
         first = enat(state, "services", "up")
         assert first.returncode == 0, first.stderr
+        assert state.stat().st_mode & 0o777 == 0o700
         pid = json.loads((state / "seaweedfs.json").read_text())["pid"]
         second = enat(state, "services", "up")
         assert second.returncode == 0
