@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from cluster.services import pid_alive
@@ -35,6 +36,11 @@ def test_up_is_idempotent_status_tells_the_truth_and_down_stops(tmp_path):
         status = enat(state, "services", "status")
         assert status.returncode == 0 and "running at http://127.0.0.1:" in status.stdout
         assert oct(os.stat(state / "credentials.json").st_mode & 0o777) == "0o600"
+        # Only the S3 port checks keys; master, volume, filer and admin take none: every
+        # port the server listens on is on loopback.
+        listening = [c.laddr for c in psutil.Process(pid).net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN]
+        assert len(listening) >= 5 and all(address.ip == "127.0.0.1" for address in listening)
 
         env = enat(state, "services", "env").stdout.splitlines()
         keys = [line.split("=")[0] for line in env]
