@@ -5,6 +5,7 @@ shard). Every run is fp32 on CPU, so a resumed run must repeat the uninterrupted
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -205,3 +206,60 @@ def test_bad_inputs_fail_before_training(tmp_path, s3_bucket, capsys, monkeypatc
     assert "1 of 2 shards listed" in fails()
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     assert f"no permission to write {s3_bucket}/runs/" in fails(f"root={s3_bucket}")
+
+
+@pytest.mark.slow
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    """A flipped byte, then a deleted file, in the newest checkpoint: resume warns, names
+    it and continues from the one before, repeating the uninterrupted losses (fp32)."""
+    write_synthetic_shards(str(tmp_path / "data"), SyntheticSpec(grid=4, codebook_size=64, num_classes=5,
+                                                                  samples=96, per_shard=16))
+    preset = write_preset(tmp_path, NAT, masking={"reuse_prob": 0.0}, zero_stage=0, steps=12,
+                          checkpoint_every=4, keep_last=5)
+    (tmp_path / "runner.py").write_text(RUNNER)
+    env, root = environment(tmp_path), str(tmp_path / "root")
+    runner = [sys.executable, str(tmp_path / "runner.py"), str(preset), str(tmp_path)]
+    run([*runner, "whole|0|", "cut|8|"], env)
+    straight = json.loads((tmp_path / "whole-12-rank0.json").read_text())["losses"]
+
+    step8 = Path(checkpoint.step_url(root, "cut", 8))
+    states = next(step8.glob("deepspeed/**/mp_rank_00_model_states.pt"))
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    states.write_bytes(bytes(data))
+    resumed = run([*runner, "cut|10|"], env)
+    assert f"{step8.as_posix()} is damaged: deepspeed/" in resumed.stderr
+    assert "does not match its sha256; resuming from the previous checkpoint" in resumed.stderr
+    result = json.loads((tmp_path / "cut-10-rank0.json").read_text())
+    assert result["resumed_from"] == checkpoint.step_url(root, "cut", 4)
+    assert result["losses"] == {k: straight[k] for k in map(str, range(5, 11))}
+
+    (Path(checkpoint.step_url(root, "cut", 10)) / "ema" / "model.safetensors").unlink()
+    resumed = run([*runner, "cut|0|"], env)
+    assert "ema/model.safetensors is missing; resuming from the previous checkpoint" in resumed.stderr
+    result = json.loads((tmp_path / "cut-12-rank0.json").read_text())
+    assert result["resumed_from"] == checkpoint.step_url(root, "cut", 8)  # saved again after step 4
+    assert result["losses"] == {k: straight[k] for k in map(str, range(9, 13))}
+
+    # Someone who can write the bucket swaps an engine file for a pickle that calls a
+    # function, and updates the marker's sha256 to match: it is refused, never unpickled.
+    ran = tmp_path / "payload-ran"
+    step12 = Path(checkpoint.step_url(root, "cut", 12))
+    states = next(step12.glob("deepspeed/**/mp_rank_00_model_states.pt"))
+    torch.save({"module": Payload(f"touch {ran}")}, states)
+    marker = json.loads((step12 / checkpoint.MARKER).read_text())
+    marker["sha256"][states.relative_to(step12).as_posix()] = hashlib.sha256(states.read_bytes()).hexdigest()
+    (step12 / checkpoint.MARKER).write_text(json.dumps(marker))
+    resumed = run([*runner, "cut|0|steps=13"], env)
+    assert "mp_rank_00_model_states.pt cannot be read as tensors and plain data" in resumed.stderr
+    assert not ran.exists()
+    assert json.loads((tmp_path / "cut-13-rank0.json").read_text())["resumed_from"] == \
+        checkpoint.step_url(root, "cut", 8)  # 10 lost its EMA weights above
+
+
+class Payload:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)

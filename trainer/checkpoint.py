@@ -21,6 +21,7 @@ uploads what it wrote; on resume each rank downloads the shared files plus its o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import re
@@ -41,12 +42,16 @@ DEEPSPEED_DIR = "deepspeed"
 EMA_DIR = "ema"
 DATA_DIR = "data"
 CONFIG_NAME = "train_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the marker records every file's sha256
 STEP_FOLDER = re.compile(r"step-(\d+)")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete or does not fit the run that wants to resume from it."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A file of a marked checkpoint is missing or differs from the sha256 its marker recorded."""
 
 
 def run_url(root: str, run: str) -> str:
@@ -185,25 +190,28 @@ def save(url: str, step: int, engine: Any, ema_model: Any, ema_config: ModelConf
     """Collective: every rank calls it. Returns the published checkpoint."""
     rank, world = dist.get_rank(), dist.get_world_size()
     folder = _Folder(url)
-    written: list[str] = []
+    written: dict[str, str] = {}  # file name -> sha256 of what was uploaded
     with tempfile.TemporaryDirectory(prefix=f"enat-ckpt-{rank}-") as tmp:
         engine.save_checkpoint(tmp, tag=DEEPSPEED_DIR, save_latest=False)
         for path in sorted((Path(tmp) / DEEPSPEED_DIR).rglob("*")):
             if path.is_file():
                 name = path.relative_to(tmp).as_posix()
                 folder.put(path, name)
-                written.append(name)
-    data_name = f"{DATA_DIR}/rank-{rank:05d}.json"
-    folder.write(data_name, json.dumps(data_position).encode())
-    written.append(data_name)
+                written[name] = _sha256_file(path)
+    small = {f"{DATA_DIR}/rank-{rank:05d}.json": json.dumps(data_position).encode()}
     if rank == 0:
         model_io.save_model(storage.join(url, EMA_DIR), ema_model, ema_config, extra={"step": step})
-        folder.write(CONFIG_NAME, json.dumps(train_config, indent=1).encode())
-        written += [f"{EMA_DIR}/{model_io.WEIGHTS_NAME}", f"{EMA_DIR}/{model_io.CONFIG_NAME}", CONFIG_NAME]
-    every: list[list[str]] = [[] for _ in range(world)]
+        small[CONFIG_NAME] = json.dumps(train_config, indent=1).encode()
+        for name in (f"{EMA_DIR}/{model_io.WEIGHTS_NAME}", f"{EMA_DIR}/{model_io.CONFIG_NAME}"):
+            written[name] = hashlib.sha256(folder.read(name)).hexdigest()
+    for name, data in small.items():
+        folder.write(name, data)
+        written[name] = hashlib.sha256(data).hexdigest()
+    every: list[dict[str, str]] = [{} for _ in range(world)]
     dist.all_gather_object(every, written)  # also the barrier: every rank has uploaded
+    digests = {name: digest for files in every for name, digest in files.items()}
     info = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "time": time.time(),
-            "files": sorted(f for files in every for f in files), **meta}
+            "files": sorted(digests), "sha256": digests, **meta}
     if rank == 0:
         storage.write_bytes(storage.join(url, MARKER), json.dumps(info, indent=1).encode())
     dist.barrier()  # nobody moves on (or reports the checkpoint) before it is published
@@ -240,18 +248,89 @@ def engine_files(checkpoint: Checkpoint, rank: int) -> list[str]:
     return needed
 
 
+# The non-tensor types DeepSpeed's engine files hold (found by loading its ZeRO 0-3
+# checkpoints with weights_only=True): plain data, no behaviour on unpickling.
+_ENGINE_FILE_TYPES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                      "deepspeed.runtime.zero.config.ZeroStageEnum",
+                      "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def _refuses_code(path: Path, name: str) -> str | None:
+    """DeepSpeed's load_checkpoint reads engine files with torch.load(weights_only=False),
+    which calls whatever a pickle names: anyone who can write the bucket could run code on
+    every rank. So each file must first load under torch's restricted unpickler (tensors,
+    plain containers and the types above); the same bytes are then safe to hand over."""
+    import importlib
+    import pickle
+
+    import torch
+
+    allowed = []
+    for dotted in _ENGINE_FILE_TYPES:
+        module, _, attribute = dotted.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attribute))
+    try:
+        with torch.serialization.safe_globals(allowed):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError) as err:
+        return f"{name} cannot be read as tensors and plain data ({str(err).splitlines()[0][:160]})"
+    return None
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _check_intact(checkpoint: Checkpoint, problems: list[str]) -> None:
+    """Collective: every rank raises CorruptCheckpoint if any rank found a problem, so all
+    of them fall back together."""
+    every: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(every, problems)
+    found = sorted({problem for rank_problems in every for problem in rank_problems})
+    if found:
+        raise CorruptCheckpoint(f"{checkpoint.url} is damaged: {', '.join(found[:5])}"
+                                + (f" and {len(found) - 5} more" if len(found) > 5 else ""))
+
+
 def load(checkpoint: Checkpoint, engine: Any, ema: Any) -> dict[str, Any] | None:
-    """Collective: restore the engine and EMA; returns this rank's data position (or None)."""
+    """Collective: restore the engine and EMA; returns this rank's data position (or None).
+    Every file is checked against the sha256 its marker recorded before anything is loaded:
+    a damaged checkpoint, or an engine file that would run code when unpickled, raises
+    CorruptCheckpoint on every rank and changes nothing."""
     rank = dist.get_rank()
     needed = engine_files(checkpoint, rank)
-    folder = _Folder(checkpoint.url)
+    expected = checkpoint.meta.get("sha256", {})  # format-1 markers have none
+    folder, problems = _Folder(checkpoint.url), []
     with tempfile.TemporaryDirectory(prefix=f"enat-resume-{rank}-") as tmp:
         for name in needed:
-            folder.get(name, Path(tmp) / name)
+            try:
+                folder.get(name, Path(tmp) / name)
+            except FileNotFoundError:
+                problems.append(f"{name} is missing")
+                continue
+            if name in expected and _sha256_file(Path(tmp) / name) != expected[name]:
+                problems.append(f"{name} does not match its sha256")
+            elif refused := _refuses_code(Path(tmp) / name, name):
+                problems.append(refused)
+        small = {name: folder.read(name) for name in (f"{EMA_DIR}/{model_io.WEIGHTS_NAME}",
+                                                       f"{DATA_DIR}/rank-{rank:05d}.json")}
+        for name, data in small.items():
+            if data is None and name in expected:
+                problems.append(f"{name} is missing")
+            elif data is not None and name in expected and hashlib.sha256(data).hexdigest() != expected[name]:
+                problems.append(f"{name} does not match its sha256")
+        _check_intact(checkpoint, problems)
         path, _ = engine.load_checkpoint(tmp, tag=DEEPSPEED_DIR, load_module_strict=True,
                                          load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load the engine state from {checkpoint.url}")
-    ema.load_state_dict(load_safetensors(folder.read(f"{EMA_DIR}/{model_io.WEIGHTS_NAME}")))
-    data = folder.read(f"{DATA_DIR}/rank-{rank:05d}.json")
+    ema.load_state_dict(load_safetensors(small[f"{EMA_DIR}/{model_io.WEIGHTS_NAME}"]))
+    data = small[f"{DATA_DIR}/rank-{rank:05d}.json"]
     return json.loads(data) if data is not None else None
+
+
+def previous(checkpoint: Checkpoint, root: str, run: str) -> Checkpoint | None:
+    """The run's newest complete checkpoint before `checkpoint` (the fallback from a damaged one)."""
+    older = [c for c in scan(root, run)[0] if c.step < checkpoint.step]
+    return older[-1] if older else None

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -318,12 +319,25 @@ class Trainer:
         config = self.config
         target = self._resume_target()
         start, position = 0, None
-        if target is not None:
+        while target is not None:
             checkpoint.check_resumable(target, self.world, config.zero_stage, self.model_dict)
-            data = checkpoint.load(target, self.engine, self.ema)
+            try:
+                data = checkpoint.load(target, self.engine, self.ema)
+            except checkpoint.CorruptCheckpoint as err:
+                # Every rank got the same error (load checks collectively); only the run's
+                # own checkpoints have an earlier one to fall back to.
+                target = checkpoint.previous(target, config.root, config.run) \
+                    if target.url.startswith(checkpoint.checkpoints_url(config.root, config.run)) else None
+                if target is None:
+                    raise
+                if self.rank == 0:
+                    print(f"warning: {err}; resuming from the previous checkpoint {target.url}",
+                          file=sys.stderr, flush=True)
+                continue
             start, position = target.step, StreamPosition.from_dict(data) if data else None
             if self.rank == 0:
                 print(f"resumed from {target.url} (step {start})", flush=True)
+            break
         if self.rank == 0:
             self._start_tracking()
             if target is not None:
