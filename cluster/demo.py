@@ -38,9 +38,9 @@ class DemoConfig:
     checkpoint_every: int = 1000  # each ENAT checkpoint is evaluated as it lands
     watch_samples: int = 200  # images per checkpoint evaluation
     search_updates: int = 1  # AutoNAT updates of each search (4T-1 evaluations each, + 1)
-    search_samples: int = 400  # images per search evaluation (at 200, noise steered the 8-step search)
+    search_samples: int = 250  # images per search evaluation (AutoNAT's finite differences are noisy)
     final_samples: int = 1000  # images of the final evaluations (fresh seeds)
-    text_steps: int = 600  # the text-to-image model on the CC3M-style shards
+    text_steps: int = 500  # the text-to-image model on the CC3M-style shards
     text_samples: int = 200  # images of the text-to-image evaluation
     skip_text: bool = False
 
