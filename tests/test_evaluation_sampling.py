@@ -191,7 +191,7 @@ def test_search_command_writes_strategy_plots_summary_and_nested_runs(run, extra
                  f"extractor={extractor}", "updates=1", "num_samples=6", "batch_size=6", "concurrency=1",
                  f"out={out}", "validation_samples=6"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["evaluations_this_run"] == 7  # 4T-1 for T=2
+    assert summary["evaluations_this_run"] == 8  # 4T-1 for T=2, + 1 for the point the step reached
     assert summary["fid_initial_fresh_seeds"] > 0 and summary["fid_searched_fresh_seeds"] > 0
     assert load_strategy(str(out / "strategy.yaml")).steps == 2
     assert (out / "fid_vs_update.png").is_file() and (out / "schedule.png").is_file()
@@ -199,5 +199,5 @@ def test_search_command_writes_strategy_plots_summary_and_nested_runs(run, extra
         parent = con.execute("select run_uuid from runs where name = 'search'").fetchone()[0]
         children = con.execute("select count(*) from tags where key = 'mlflow.parentRunId' and value = ?",
                                (parent,)).fetchone()[0]
-    assert children == 7
+    assert children == 8
     assert set(Path(tempfile.gettempdir()).glob("enat-search-*")) <= scratch_before  # scratch removed
