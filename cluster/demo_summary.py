@@ -40,8 +40,8 @@ def search_figures(url: str, steps: int) -> dict[str, Any]:
 
 
 def training_figures(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
-    """Each generator's last training loss (label-smoothed, the last logging window) and
-    val_loss (EMA weights, no smoothing), beside the unigram entropy of the training ids:
+    """Each generator's last training loss (the last logging window, with the preset's label
+    smoothing) and val_loss (EMA weights, no smoothing), beside the unigram entropy of the training ids:
     a model whose loss sits near that entropy has learned only how often each id occurs."""
     import math
 
@@ -121,9 +121,9 @@ def render(figures: dict[str, Any], mlflow_uri: str, wall_s: float, picture: str
     for name in ("enat", "nat"):
         if name in training and "unigram_entropy" in training:
             run = training[name]
-            lines.append(f"{name.upper()} training: loss {_fmt(run['loss'])} (label-smoothed), "
-                         f"val_loss {_fmt(run['val_loss'])} (no smoothing) vs the unigram entropy of the "
-                         f"training ids {training['unigram_entropy']:.3f} (uniform "
+            lines.append(f"{name.upper()} training: loss {_fmt(run['loss'])} (last logging window), "
+                         f"val_loss {_fmt(run['val_loss'])} (EMA, no smoothing) vs the unigram entropy of "
+                         f"the training ids {training['unigram_entropy']:.3f} (uniform "
                          f"{training['uniform_entropy']:.3f}) nats per token")
     for steps, search in figures["search"].items():
         if search["evaluations"]:

@@ -73,8 +73,8 @@ def test_summary_reads_the_stage_outputs(tmp_path):
     assert "| real vs real (floor) | - | 950 vs 951 | 0.500 | 0.0000 | 0.700 (classifier" in table
     assert "FID 3.000 vs 4.000 (+25.0% better)" in table
     assert "FID 4.000 vs 5.000, class consistency 0.400 vs 0.500" in table
-    assert "ENAT training: loss 2.500 (label-smoothed), val_loss 1.250 (no smoothing) vs the unigram " \
-           "entropy of the training ids 1.386 (uniform 2.773)" in table
+    assert "ENAT training: loss 2.500 (last logging window), val_loss 1.250 (EMA, no smoothing) vs the " \
+           "unigram entropy of the training ids 1.386 (uniform 2.773)" in table
     assert "mlflow ui --backend-store-uri sqlite:///x.db" in table
 
 
