@@ -51,24 +51,26 @@ def mask_by_count(counts: Tensor, length: int, generator: torch.Generator,
 
 
 def mask_tokens(ids: Tensor, mask_id: int, config: MaskingConfig, generator: torch.Generator,
-                one_ratio_per_batch: bool) -> tuple[Tensor, Tensor]:
+                one_ratio_per_batch: bool, positions: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """(masked ids, mask) for a batch of token ids [B, L]. NAT draws a ratio per sample;
-    ENAT one per batch, since its rows must mask the same count (dense packing)."""
+    ENAT one per batch, since its rows must mask the same count (dense packing). The ratio
+    comes from `generator`, the masked positions from `positions` (default: `generator`)."""
     batch, length = ids.shape
     ratios = sample_beta(config.beta_a, config.beta_b, 1 if one_ratio_per_batch else batch, generator)
     counts = (ratios * length).round().clamp(1, length - 1).long().expand(batch)
-    mask = mask_by_count(counts, length, generator).to(ids.device)
+    mask = mask_by_count(counts, length, positions or generator).to(ids.device)
     return torch.where(mask, torch.full_like(ids, mask_id), ids), mask
 
 
-def previous_step_input(masked_ids: Tensor, mask: Tensor, mask_id: int,
-                        generator: torch.Generator) -> Tensor:
+def previous_step_input(masked_ids: Tensor, mask: Tensor, mask_id: int, generator: torch.Generator,
+                        positions: torch.Generator | None = None) -> Tensor:
     """ENAT reuse training: the input of a plausible previous generation step, made by
-    re-masking a random share (one share per batch) of the currently visible tokens."""
+    re-masking a random share (one share per batch, from `generator`) of the currently
+    visible tokens (chosen with `positions`, default: `generator`)."""
     visible = ~mask
     share = torch.rand(1, generator=generator)
     counts = (visible.sum(dim=1).cpu() * share).round().long()
-    remask = mask_by_count(counts, mask.shape[1], generator, eligible=visible).to(mask.device)
+    remask = mask_by_count(counts, mask.shape[1], positions or generator, eligible=visible).to(mask.device)
     return torch.where(remask, torch.full_like(masked_ids, mask_id), masked_ids)
 
 

@@ -263,3 +263,26 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (self.command,)
+
+
+def test_enat_ranks_share_mask_counts_but_draw_their_own_positions():
+    """Every rank builds ENAT's graph from the same counts (ZeRO needs one graph), while
+    each rank masks its own positions: a 2-rank batch holds as many masking patterns as a
+    one-process batch of the same size. NAT draws everything per rank."""
+    from models.masking import MaskingConfig, mask_tokens, previous_step_input
+    from trainer.loop import masking_generators
+
+    ids = torch.randint(0, 64, (8, 64))
+    masks, remasks = [], []
+    for rank in (0, 1):
+        counts, positions = masking_generators(0, step=3, micro=0, rank=rank, enat=True)
+        masked, mask = mask_tokens(ids, 64, MaskingConfig(), counts, True, positions)
+        remasks.append(previous_step_input(masked, mask, 64, counts, positions) == 64)
+        masks.append(mask)
+    assert torch.equal(masks[0].sum(1), masks[1].sum(1))  # same counts: the same graph
+    assert torch.equal(remasks[0].sum(1), remasks[1].sum(1))
+    assert not torch.equal(masks[0], masks[1])  # different positions
+    nat = [masking_generators(0, 3, 0, rank, enat=False) for rank in (0, 1)]
+    assert all(positions is None for _, positions in nat)
+    ratios = [mask_tokens(ids, 64, MaskingConfig(), counts, False)[1].sum(1) for counts, _ in nat]
+    assert not torch.equal(*ratios)
