@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from cluster import services
 from cluster.demo_summary import write_summary
@@ -37,8 +38,12 @@ class DemoConfig:
     train_steps: int = 2000  # tiny ENAT and, for the comparison, tiny NAT; 2 Ray workers each
     checkpoint_every: int = 1000  # each ENAT checkpoint is evaluated as it lands
     watch_samples: int = 200  # images per checkpoint evaluation
-    search_updates: int = 1  # AutoNAT updates of each search (4T-1 evaluations each, + 1)
-    search_samples: int = 250  # images per search evaluation (AutoNAT's finite differences are noisy)
+    # AutoNAT updates of each search, with one finite difference per kind of parameter
+    # (5 evaluations each, + 1): at 250 images per evaluation, per-step differences are
+    # mostly sampling noise (README, "Strategy search").
+    search_updates: int = 3
+    search_blocks: Literal["step", "kind"] = "kind"
+    search_samples: int = 250  # images per search evaluation
     final_samples: int = 1000  # images of the final evaluations (fresh seeds)
     text_steps: int = 500  # the text-to-image model on the CC3M-style shards
     text_samples: int = 200  # images of the text-to-image evaluation
@@ -162,6 +167,7 @@ def stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
     nat_final = paths.checkpoint(paths.nat_run, config.train_steps)
     domain = [f"reference={paths.reference}", f"extractor={paths.extractor}"]
     search = ["search", final, *domain, f"updates={config.search_updates}",
+              f"hyper.blocks={config.search_blocks}",
               f"num_samples={config.search_samples}", f"batch_size={config.search_samples}"]
     evaluate = ["eval", "checkpoint", *domain, f"num_samples={config.final_samples}",
                 f"seed={FRESH_SEED}", "batch_size=250", "isc=false"]

@@ -1,7 +1,7 @@
 """`enat search <checkpoint>`: AutoNAT's generation-strategy search as a Ray Tune experiment.
 
 Each trial samples `num_samples` images with one strategy and measures FID against the
-reference; all trials of one update share seeds and labels. The best strategy is written
+reference; all trials share seeds and labels. The best strategy is written
 as AutoNAT-format YAML to `{out}/strategy.yaml` (what `enat sample` and `enat eval` take
 as `strategy=`), with plots of FID per update and of the schedules before and after, and
 an MLflow parent run with one nested run per trial. Rerunning the same command resumes.
@@ -38,7 +38,7 @@ class SearchConfig:
     steps: int = 8
     initial: str = "default"  # starting strategy: "default" (cosine) or a YAML URL
     searcher: Literal["autonat", "optuna"] = "autonat"
-    updates: int = 2  # AutoNAT updates (4*steps-1 evaluations each, + 1 to score the last step)
+    updates: int = 2  # AutoNAT updates (4*steps-1 evaluations each, 5 by kind; + 1 to score the last step)
     evaluations: int = 0  # budget for other searchers (0 = the AutoNAT budget)
     num_samples: int = 500  # images per evaluation
     batch_size: int = 100

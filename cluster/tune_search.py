@@ -1,7 +1,7 @@
 """Strategy search as a Ray Tune experiment: each trial evaluates one generation strategy.
 
 `AutoNATSearcher` adapts the pure optimizer in evaluation/schedule_search.py to Tune's
-Searcher interface: it hands out the 4T-1 evaluations of the current update as
+Searcher interface: it hands out the evaluations of the current update (4T-1, or 5 by kind) as
 concurrent trials, takes the step when the last one reports (after the last update, it
 only evaluates the point that step reached), and persists its JSON
 state to storage after every result, so a killed driver resumes the current update
@@ -57,7 +57,7 @@ class AutoNATSearcher(Searcher):
         evaluation = waiting[0]
         self.in_flight[trial_id] = evaluation
         return {"vector": evaluation.vector, "steps": self.search.steps,
-                "update": evaluation.update, "coordinate": evaluation.coordinate}
+                "update": evaluation.update, "direction": evaluation.direction}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         evaluation = self.in_flight.pop(trial_id, None)
@@ -118,11 +118,12 @@ def strategy_of(config: dict[str, Any]) -> Strategy:
 
 
 def trial(config: dict[str, Any], objective_factory: ObjectiveFactory, seed: int) -> None:
-    """One Tune trial: evaluate one strategy, report its FID. All trials of one update
-    share the same seed, so differences measure the strategy, not sampling noise."""
+    """One Tune trial: evaluate one strategy, report its FID. Every trial of the search
+    uses the same seed, so differences (within an update, and between the base points the
+    search keeps the best of) measure the strategy, not sampling noise."""
     objective = objective_factory()
     strategy = strategy_of(config)
-    tune.report({"fid": float(objective(strategy, seed + int(config.get("update", 0)))),
+    tune.report({"fid": float(objective(strategy, seed)),
                  "update": int(config.get("update", -1))})
 
 

@@ -8,13 +8,21 @@ independent, so they can run at once. It then takes an SGD-with-momentum step (m
 0.5, lr 1e-3 for ratios, 0.1 for the rest) and clips ratios to [0, 0.99] and the rest to
 >= 1e-4.
 
+`blocks="kind"` moves each kind together instead (all ratios, all mask temperatures, all
+sampling temperatures, all CFG scales: 4 directions, 5 evaluations per update). That is the
+same update restricted to one shared offset per kind. Use it when evaluations are small: at
+250 images of a tiny model, moving one step's temperature by 0.1 changes FID by less than
+the sampling noise (the finite differences are then noise), while moving a whole kind
+changes it by several times the noise.
+
 Ratios are not forced to be non-increasing: a non-monotone schedule is still valid,
 because every step reveals at least one token (Strategy.masked_counts). Set
 `monotone_ratios` to project them onto non-increasing sequences after each update.
 
 After the last update the search measures where its step landed (one evaluation of the
 new point, no differences around it): `pending(base_only=True)` / `record(..., base_only=True)`.
-So `updates` steps cost updates * (4T-1) + 1 evaluations, and every step taken is scored.
+So `updates` steps cost updates * (4T-1) + 1 evaluations (updates * 5 + 1 by kind), and
+every step taken is scored.
 
 The state is plain JSON (`to_json`/`from_json`), so an interrupted search resumes: the
 evaluations already finished for the current update are kept and only the missing ones
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Literal
 
 from models.strategy import Strategy
 from models.typed_config import check
@@ -40,11 +49,13 @@ class SearchHyperparameters:
     max_ratio: float = 0.99
     min_other: float = 1e-4
     monotone_ratios: bool = False
+    blocks: Literal["step", "kind"] = "step"  # one difference per coordinate, or per kind
 
     def __post_init__(self) -> None:
         for key in ("ratio_delta", "other_delta", "ratio_lr", "other_lr"):
             check(getattr(self, key) > 0, key, "> 0", getattr(self, key))
         check(0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
+        check(self.blocks in ("step", "kind"), "blocks", "step or kind", self.blocks)
 
 
 def to_vector(strategy: Strategy) -> list[float]:
@@ -59,15 +70,15 @@ def from_vector(vector: list[float], steps: int) -> Strategy:
 
 @dataclass
 class Evaluation:
-    """One point to evaluate: the base (coordinate -1) or a perturbed coordinate."""
+    """One point to evaluate: the base (direction -1) or a perturbed direction."""
 
     update: int
-    coordinate: int
+    direction: int
     vector: list[float]
 
     @property
     def key(self) -> str:
-        return f"{self.update}:{self.coordinate}"
+        return f"{self.update}:{self.direction}"
 
 
 @dataclass
@@ -75,7 +86,7 @@ class AutoNATSearch:
     steps: int
     params: list[float]
     hyper: SearchHyperparameters = field(default_factory=SearchHyperparameters)
-    velocity: list[float] = field(default_factory=list)
+    velocity: list[float] = field(default_factory=list)  # one per direction
     update: int = 0
     results: dict[str, float] = field(default_factory=dict)  # key -> FID, current update
     history: list[dict] = field(default_factory=list)  # per finished update: base FID, params
@@ -84,30 +95,40 @@ class AutoNATSearch:
         if len(self.params) != 4 * self.steps - 2:
             raise ValueError(f"{self.steps} steps need {4 * self.steps - 2} parameters")
         if not self.velocity:
-            self.velocity = [0.0] * len(self.params)
+            self.velocity = [0.0] * len(self.directions())
 
     @classmethod
     def start(cls, strategy: Strategy, hyper: SearchHyperparameters | None = None) -> AutoNATSearch:
         return cls(strategy.steps, to_vector(strategy), hyper or SearchHyperparameters())
 
-    def is_ratio(self, coordinate: int) -> bool:
-        return coordinate < self.steps - 1
+    def directions(self) -> list[list[int]]:
+        """The coordinates each finite difference moves together."""
+        if self.hyper.blocks == "step":
+            return [[i] for i in range(len(self.params))]
+        t = self.steps
+        cuts = [0, t - 1, 2 * (t - 1), 3 * t - 2, 4 * t - 2]
+        return [list(range(a, b)) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
-    def delta(self, coordinate: int) -> float:
-        """The finite-difference step of a coordinate in this update: forward, except for a
-        ratio at its upper bound, which steps backward (a ratio of 1 would mask everything)."""
-        if self.is_ratio(coordinate):
+    def is_ratio(self, direction: int) -> bool:
+        return self.directions()[direction][0] < self.steps - 1
+
+    def delta(self, direction: int) -> float:
+        """The finite-difference step of a direction in this update: forward, except for
+        ratios at their upper bound, which step backward (a ratio of 1 would mask everything)."""
+        if self.is_ratio(direction):
             step = self.hyper.ratio_delta
-            return -step if self.params[coordinate] + step > self.hyper.max_ratio else step
+            top = max(self.params[i] for i in self.directions()[direction])
+            return -step if top + step > self.hyper.max_ratio else step
         return self.hyper.other_delta
 
     def evaluations(self) -> list[Evaluation]:
-        """All 4T-1 evaluations of the current update (base first)."""
+        """All evaluations of the current update (base first, then one per direction)."""
         points = [Evaluation(self.update, -1, list(self.params))]
-        for i in range(len(self.params)):
+        for d, coordinates in enumerate(self.directions()):
             moved = list(self.params)
-            moved[i] += self.delta(i)
-            points.append(Evaluation(self.update, i, moved))
+            for i in coordinates:
+                moved[i] += self.delta(d)
+            points.append(Evaluation(self.update, d, moved))
         return points
 
     def pending(self, base_only: bool = False) -> list[Evaluation]:
@@ -133,13 +154,14 @@ class AutoNATSearch:
 
     def _step(self) -> None:
         base = self.results[f"{self.update}:-1"]
-        gradient = [(self.results[f"{self.update}:{i}"] - base) / self.delta(i)
-                    for i in range(len(self.params))]
+        gradient = [(self.results[f"{self.update}:{d}"] - base) / self.delta(d)
+                    for d in range(len(self.directions()))]
         params = list(self.params)
-        for i, g in enumerate(gradient):
-            self.velocity[i] = self.hyper.momentum * self.velocity[i] + g
-            lr = self.hyper.ratio_lr if self.is_ratio(i) else self.hyper.other_lr
-            self.params[i] -= lr * self.velocity[i]
+        for d, (g, coordinates) in enumerate(zip(gradient, self.directions(), strict=True)):
+            self.velocity[d] = self.hyper.momentum * self.velocity[d] + g
+            lr = self.hyper.ratio_lr if self.is_ratio(d) else self.hyper.other_lr
+            for i in coordinates:
+                self.params[i] -= lr * self.velocity[d]
         self._clip()
         self._close({"params": params, "gradient": gradient})
 

@@ -32,7 +32,7 @@ def test_vector_round_trip():
 def test_one_update_asks_for_4t_minus_1_evaluations_with_the_right_deltas():
     search = AutoNATSearch.start(Strategy.default(8))
     points = search.evaluations()
-    assert len(points) == 31 and points[0].coordinate == -1
+    assert len(points) == 31 and points[0].direction == -1
     assert points[2].vector[1] == pytest.approx(search.params[1] + 0.01)  # a ratio
     assert points[1].vector[0] == pytest.approx(search.params[0] - 0.01)  # 0.981 + 0.01 > 0.99: backwards
     assert points[8].vector[7] == pytest.approx(search.params[7] + 0.1)  # a mask temperature
@@ -106,10 +106,42 @@ def test_the_last_step_is_measured_with_one_evaluation_and_can_win():
     run(search, objective, 1)  # one full update: the step is taken, not yet scored
     stepped = list(search.params)
     (final,) = search.pending(base_only=True)
-    assert final.coordinate == -1 and final.vector == stepped
+    assert final.direction == -1 and final.vector == stepped
     assert search.record(final, objective(final.vector), base_only=True)
     assert search.update == 2 and search.params == stepped  # measured, not moved
     assert [h["gradient"] is None for h in search.history] == [False, True]
     best, best_fid = search.best()
     assert best_fid == objective(stepped) < search.history[0]["base_fid"]
     assert to_vector(best) == pytest.approx(stepped)
+
+
+def test_kind_blocks_move_each_kind_together_with_five_evaluations_per_update():
+    hyper = SearchHyperparameters(ratio_lr=0.05, other_lr=0.1, ratio_delta=1e-3, other_delta=1e-3,
+                                  blocks="kind")
+    start = Strategy.default(4)
+    search = AutoNATSearch(4, to_vector(start), hyper)
+    points = search.evaluations()
+    assert len(points) == 5 and points[0].direction == -1
+    # Direction 2 moves the four sampling temperatures (coordinates 6..9) and nothing else.
+    moved = [i for i, (a, b) in enumerate(zip(points[3].vector, search.params, strict=True)) if a != b]
+    assert moved == [6, 7, 8, 9]
+    # The best offset per kind of a quadratic is the mean offset of that kind's targets.
+    offsets = [-0.05, 0.4, 0.3, 0.6]
+    target = [p + offsets[k] + (0.1 if i % 2 else -0.1)
+              for k, coordinates in enumerate(search.directions()) for i, p in
+              ((i, search.params[i]) for i in coordinates)]
+    run(search, quadratic(target), 40)
+    assert len(search.velocity) == 4
+    for coordinates in search.directions():
+        shifts = [search.params[i] - to_vector(start)[i] for i in coordinates]
+        assert shifts == pytest.approx([shifts[0]] * len(shifts))  # the kind moved as one
+        mean = sum(target[i] - to_vector(start)[i] for i in coordinates) / len(coordinates)
+        assert shifts[0] == pytest.approx(mean, abs=0.01)
+    restored = AutoNATSearch.from_json(search.to_json())
+    assert restored.hyper.blocks == "kind"
+    assert restored.evaluations()[3].vector == search.evaluations()[3].vector
+
+
+def test_unknown_blocks_are_refused():
+    with pytest.raises(ValueError, match="blocks"):
+        SearchHyperparameters(blocks="coordinate")

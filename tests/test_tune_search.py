@@ -23,6 +23,11 @@ def quadratic_factory():
                                                                        strict=True))
 
 
+def seed_marking_factory():
+    """The quadratic plus 10 x the seed: a trial run with another seed stands out."""
+    return lambda strategy, seed: quadratic_factory()(strategy, seed) + 10 * seed
+
+
 # Ray workers cannot import this test module: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -47,9 +52,11 @@ def test_autonat_searcher_runs_updates_as_tune_trials_and_improves(local_ray, tm
 
     initial = Strategy.default(4)
     state = str(tmp_path / "state.json")
-    result = run_search(quadratic_factory, initial, TuneSettings("t1", str(tmp_path / "tune")),
-                        updates=3, state_url=state, hyper=HYPER)
+    result = run_search(seed_marking_factory, initial, TuneSettings("t1", str(tmp_path / "tune")),
+                        updates=3, state_url=state, hyper=HYPER, seed=5)
     assert len(result["trials"]) == 3 * 15 + 1  # 4T-1 evaluations per update, then the last step's point
+    # Every trial, in every update, used the search's seed: base points compare like with like.
+    assert all(50 <= t["fid"] < 60 for t in result["trials"])
     fids = [h["base_fid"] for h in result["history"]]
     assert len(fids) == 4 and fids[3] < fids[2] < fids[1] < fids[0]
     assert result["best_fid"] == fids[3]
