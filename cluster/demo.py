@@ -44,6 +44,9 @@ class DemoConfig:
     search_updates: int = 3
     search_blocks: Literal["step", "kind"] = "kind"
     search_samples: int = 250  # images per search evaluation
+    # Strategies searched and evaluated (searched-<T> rows); `search_steps=[8,4]` adds a
+    # 4-step search (~1 min more).
+    search_steps: list[int] = field(default_factory=lambda: [8])
     final_samples: int = 1000  # images of the final evaluations (fresh seeds)
     text_steps: int = 500  # the text-to-image model on the CC3M-style shards
     text_samples: int = 200  # images of the text-to-image evaluation
@@ -212,12 +215,12 @@ def stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
               _exists(storage.join(nat_final, "checkpoint.json")),
               ["train", "--config", "tiny-nat-demo", f"root={config.root}", f"data.url={paths.tokens}",
                f"steps={config.train_steps}", f"checkpoint_every={config.checkpoint_every}"]),
-        Stage("AutoNAT search, 8 steps", _exists(storage.join(paths.search(8), "summary.json")),
-              [*search, "--steps", "8", "name=autonat-8"]),
-        Stage("AutoNAT search, 4 steps", _exists(storage.join(paths.search(4), "summary.json")),
-              [*search, "--steps", "4", "name=autonat-4"]),
     ]
-    for name, checkpoint, strategy, steps in final_evaluations(paths, final, nat_final):
+    found += [Stage(f"AutoNAT search, {steps} steps",
+                    _exists(storage.join(paths.search(steps), "summary.json")),
+                    [*search, "--steps", str(steps), f"name=autonat-{steps}"])
+              for steps in config.search_steps]
+    for name, checkpoint, strategy, steps in final_evaluations(config, paths, final, nat_final):
         out = os.path.join(paths.evals, name)
         found.append(Stage(f"final evaluation on fresh seeds: {name}", _evaluated_to(out),
                            [evaluate[0], evaluate[1], checkpoint, *evaluate[2:], f"strategy={strategy}",
@@ -227,12 +230,13 @@ def stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
     return found
 
 
-def final_evaluations(paths: DemoPaths, enat: str, nat: str) -> list[tuple[str, str, str, int]]:
+def final_evaluations(config: DemoConfig, paths: DemoPaths, enat: str,
+                      nat: str) -> list[tuple[str, str, str, int]]:
     """(row name, checkpoint, strategy, steps) of the final evaluations: ENAT with the
     default and the searched strategies, NAT with the default one."""
     return [("default-8", enat, "default", 8),
-            ("searched-8", enat, storage.join(paths.search(8), "strategy.yaml"), 8),
-            ("searched-4", enat, storage.join(paths.search(4), "strategy.yaml"), 4),
+            *[(f"searched-{steps}", enat, storage.join(paths.search(steps), "strategy.yaml"), steps)
+              for steps in config.search_steps],
             ("nat-default-8", nat, "default", 8)]
 
 

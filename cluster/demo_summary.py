@@ -18,7 +18,6 @@ from pipelines import storage
 if TYPE_CHECKING:
     from cluster.demo import DemoConfig, DemoPaths
 
-FINAL_ROWS = ("default-8", "searched-8", "searched-4", "nat-default-8", "text")
 # Columns of the comparison picture: (title, evaluation whose grid it shows; None = real).
 PICTURE_COLUMNS = (("real", None), ("ENAT 8 steps", "default-8"), ("NAT 8 steps", "nat-default-8"),
                    ("text to image", "text"))
@@ -28,11 +27,12 @@ def _json(url: str) -> dict[str, Any]:
     return json.loads(storage.read_bytes(url)) if storage.exists(url) else {}
 
 
-def search_figures(url: str, steps: int) -> dict[str, Any]:
+def search_figures(url: str) -> dict[str, Any]:
     """Evaluations run and wall time of the search whose outputs are at `url`."""
     summary, state = _json(storage.join(url, "summary.json")), _json(storage.join(url, "search_state.json"))
-    # A full update is 4T-1 evaluations; the last step's point alone is one (no gradient).
-    evaluations = sum(1 if update.get("gradient") is None else 4 * steps - 1
+    # A full update is its base point and one point per direction of its gradient (4T-2
+    # coordinates, or 4 kinds); the last step's point alone is one (no gradient).
+    evaluations = sum(1 + len(update.get("gradient") or [])
                       for update in state.get("history", [])) + len(state.get("results", {}))
     return {"evaluations": evaluations, "wall_s": summary.get("wall_s"),
             "best_fid_search_seeds": summary.get("best_fid_search_seeds"),
@@ -68,7 +68,8 @@ def training_figures(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
 def collect(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
     from evaluation.watch import read_records
 
-    evals = {name: _json(os.path.join(paths.evals, name, "metrics.json")) for name in FINAL_ROWS}
+    rows = ["default-8", *[f"searched-{steps}" for steps in config.search_steps], "nat-default-8", "text"]
+    evals = {name: _json(os.path.join(paths.evals, name, "metrics.json")) for name in rows}
     accuracy = next((e["classifier_real_accuracy"] for e in evals.values()
                      if e.get("classifier_real_accuracy") is not None), None)
     return {
@@ -77,7 +78,7 @@ def collect(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
         "classifier_real_accuracy": accuracy,
         "training": training_figures(config, paths),
         "watch": {step: record.get("fid") for step, record in sorted(read_records(paths.run).items())},
-        "search": {steps: search_figures(paths.search(steps), steps) for steps in (8, 4)},
+        "search": {steps: search_figures(paths.search(steps)) for steps in config.search_steps},
     }
 
 

@@ -22,7 +22,11 @@ from pipelines.shards import Manifest, TokenSample, write_manifest, write_shard
 def test_every_stage_command_is_valid_for_the_cli(tmp_path):
     config = DemoConfig(work_dir=str(tmp_path / "out"))
     planned = stages(config, DemoPaths(config))
-    assert len(planned) == 17
+    assert len(planned) == 15
+    with_four = DemoConfig(work_dir=str(tmp_path / "out"), search_steps=[8, 4])
+    titles = [stage.title for stage in stages(with_four, DemoPaths(with_four))]
+    assert len(titles) == 17 and "AutoNAT search, 4 steps" in titles
+    assert "final evaluation on fresh seeds: searched-4" in titles
     assert planned[0].beside_next and not any(stage.beside_next for stage in planned[1:])
     for stage in planned:
         args = parse(stage.args)
@@ -42,7 +46,8 @@ def test_done_stages_are_skipped_and_failures_stop_the_demo(capsys):
 
 
 def test_summary_reads_the_stage_outputs(tmp_path):
-    config = DemoConfig(work_dir=str(tmp_path), root=str(tmp_path / "root"), skip_text=True)
+    config = DemoConfig(work_dir=str(tmp_path), root=str(tmp_path / "root"), skip_text=True,
+                        search_steps=[8, 4])
     paths = DemoPaths(config)
     for name, fid, steps in (("default-8", 4.0, 8), ("searched-8", 3.0, 8), ("searched-4", 3.5, 4),
                              ("nat-default-8", 5.0, 8)):
@@ -64,7 +69,14 @@ def test_summary_reads_the_stage_outputs(tmp_path):
                                           splits={"train": [{"name": "shard-000000.tar", "count": 3}]}))
     storage.write_bytes(storage.join(paths.checkpoint(paths.run, config.train_steps), "checkpoint.json"),
                         json.dumps({"metrics": {"loss": 2.5, "val_loss": 1.25}}).encode())
+    # An 8-step search by kind: two updates (4 differences each), the last step's point, and
+    # two results of an interrupted update: 5 + 5 + 1 + 2 evaluations.
+    history = [{"update": 0, "base_fid": 5.0, "gradient": [1.0] * 4}, {"update": 1, "base_fid": 4.0,
+               "gradient": [1.0] * 4}, {"update": 2, "base_fid": 3.0, "gradient": None}]
+    storage.write_bytes(storage.join(paths.search(8), "search_state.json"),
+                        json.dumps({"history": history, "results": {"3:-1": 3.0, "3:0": 3.1}}).encode())
     figures = collect(config, paths)
+    assert figures["search"][8]["evaluations"] == 13 and figures["search"][4]["evaluations"] == 0
     assert figures["classifier_real_accuracy"] == 0.7 and not figures["final"]["text"]
     assert figures["training"]["unigram_entropy"] == pytest.approx(math.log(4))
     assert figures["training"]["enat"] == {"loss": 2.5, "val_loss": 1.25} and "nat" not in figures["training"]
