@@ -34,6 +34,8 @@ def _services_command(action: str) -> Command:
                 print("enat: error: services are not running; start them with `enat services up`",
                       file=sys.stderr)
                 return 3
+            # Keys in the shell would win over the credentials file: they belong to another store.
+            print("unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN")
             for key, value in env.items():
                 print(f"export {key}={value}")
         return 0

@@ -5,21 +5,34 @@ submit` gives a job); without it a private local Ray starts, loopback-only, size
 `num_cpus`. Workers of a local Ray inherit this process's environment; on a cluster only
 the non-secret endpoint variables are forwarded: credentials come from the cluster's own
 environment (instance profile, Kubernetes Secret), never from this process.
+
+Ray Tune copies the driver's AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY into every trial's
+runtime env, and Ray's runtime-env agent writes that env to the session logs. So before
+Ray starts, keys found in the environment move to a private credentials file
+(`hide_credential_keys`): the environment then holds its location only, and botocore
+reads it in each process of this machine.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+import tempfile
+
+KEY_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 
 
-def start_ray(num_cpus: int | None = None, quiet: bool = False) -> bool:
-    """Connect to RAY_ADDRESS or start a local Ray with `num_cpus` (None: the machine's);
-    True if this call connected (the caller then shuts Ray down)."""
+def start_ray(num_cpus: int | None = None, quiet: bool = False,
+              resources: dict[str, float] | None = None) -> bool:
+    """Connect to RAY_ADDRESS or start a local Ray with `num_cpus` (None: the machine's) and
+    custom `resources` (a cluster's nodes declare their own); True if this call connected
+    (the caller then shuts Ray down)."""
     import ray
 
+    hide_credential_keys()  # also for a Ray started by the caller: Tune copies os.environ
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS")
@@ -31,12 +44,33 @@ def start_ray(num_cpus: int | None = None, quiet: bool = False) -> bool:
         ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=not quiet)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only cluster
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
+        ray.init(address="local", num_cpus=num_cpus, resources=resources, include_dashboard=False,
+                 log_to_driver=not quiet)
     if not quiet:
         print(f"ray: {'cluster ' + address if address else 'local'}, session "
               f"{ray._private.worker.global_worker.node.get_session_dir_path()}, "
               f"job {ray.get_runtime_context().get_job_id()}", file=sys.stderr, flush=True)
     return True
+
+
+def hide_credential_keys() -> str | None:
+    """Move AWS keys from this process's environment into a credentials file of its own
+    (mode 0600, removed at exit) named by AWS_SHARED_CREDENTIALS_FILE/AWS_PROFILE.
+    Returns the file, or None when the environment held no keys."""
+    if not os.environ.get("AWS_ACCESS_KEY_ID") or not os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        for name in KEY_VARIABLES:  # half a key pair is no credential: keep none of it
+            os.environ.pop(name, None)
+        return None
+    lines = ["[enat-env]", f"aws_access_key_id = {os.environ.pop('AWS_ACCESS_KEY_ID')}",
+             f"aws_secret_access_key = {os.environ.pop('AWS_SECRET_ACCESS_KEY')}"]
+    if os.environ.get("AWS_SESSION_TOKEN"):
+        lines.append(f"aws_session_token = {os.environ.pop('AWS_SESSION_TOKEN')}")
+    descriptor, path = tempfile.mkstemp(prefix="enat-aws-credentials-")  # created 0600
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    atexit.register(lambda: os.path.exists(path) and os.remove(path))
+    os.environ.update(AWS_SHARED_CREDENTIALS_FILE=path, AWS_PROFILE="enat-env")
+    return path
 
 
 def cluster_has_gpus() -> bool:

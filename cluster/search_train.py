@@ -134,17 +134,11 @@ def run_search_train(config: Any, launch: Any, search: TrainSearchConfig) -> dic
 
     experiment_url = checkpoint.run_url(config.root, search.name)
     storage.check_writable(experiment_url)
-    if ray.is_initialized():
-        owns_ray = False  # the caller's Ray: it must declare trial_slot resources
-    elif "RAY_ADDRESS" not in os.environ:  # a local Ray: one trial_slot per concurrent trial
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", include_dashboard=False,
-                 num_cpus=max(os.cpu_count() or 1, math.ceil(search.concurrency * launch.num_workers
-                                                               * launch.cpus_per_worker)),
-                 resources={"trial_slot": search.concurrency})
-        owns_ray = True
-    else:
-        owns_ray = start_ray()  # a cluster: its nodes declare trial_slot (see the README)
+    # A local Ray gets one trial_slot per concurrent trial; a cluster's nodes declare theirs
+    # (see the README), and a Ray the caller started must have them.
+    owns_ray = start_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(search.concurrency * launch.num_workers
+                                                                      * launch.cpus_per_worker)),
+                         resources={"trial_slot": search.concurrency})
     try:
         use_gpu = launch.use_gpu == "yes" or (launch.use_gpu == "auto" and cluster_has_gpus())
         tune_url = storage.join(experiment_url, "tune")

@@ -30,17 +30,24 @@ class ServiceError(RuntimeError):
     pass
 
 
+PROFILE = "enat-local"  # the profile of the embedded server in its credentials file
+
+
 @dataclass(frozen=True)
 class S3Endpoint:
     url: str
     access_key: str
     secret_key: str
+    credentials_file: str  # an AWS shared-credentials file (mode 0600) holding PROFILE
 
     def env(self) -> dict[str, str]:
+        """Where the credentials are, never what they are: Ray copies its driver's
+        AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY to every Tune trial (and its runtime-env
+        agent logs them); a file path it may copy. botocore reads the file in each process."""
         return {
             "AWS_ENDPOINT_URL": self.url,
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_SHARED_CREDENTIALS_FILE": self.credentials_file,
+            "AWS_PROFILE": PROFILE,
         }
 
 
@@ -127,6 +134,7 @@ class SeaweedFS:
     def __init__(self, state_dir: Path):
         self.state_dir = Path(state_dir).resolve()
         self.credentials_path = self.state_dir / "credentials.json"
+        self.aws_credentials_path = self.state_dir / "aws-credentials"
         self.info_path = self.state_dir / "seaweedfs.json"
 
     def credentials(self) -> tuple[str, str]:
@@ -136,6 +144,10 @@ class SeaweedFS:
             creds = {"access_key": "enat" + secrets.token_hex(6), "secret_key": secrets.token_hex(20)}
             _write_private(self.credentials_path, json.dumps(creds))
         creds = json.loads(self.credentials_path.read_text())
+        if not self.aws_credentials_path.exists():
+            _write_private(self.aws_credentials_path,
+                           f"[{PROFILE}]\naws_access_key_id = {creds['access_key']}\n"
+                           f"aws_secret_access_key = {creds['secret_key']}\n")
         return creds["access_key"], creds["secret_key"]
 
     def info(self) -> dict | None:
@@ -146,7 +158,8 @@ class SeaweedFS:
         if not info:
             return None
         access, secret = self.credentials()
-        return S3Endpoint(f"http://127.0.0.1:{info['s3_port']}", access, secret)
+        return S3Endpoint(f"http://127.0.0.1:{info['s3_port']}", access, secret,
+                          str(self.aws_credentials_path))
 
     def healthy(self) -> bool:
         info = self.info()
@@ -307,8 +320,17 @@ def environment(state_dir: Path) -> dict[str, str]:
 
 
 def apply_environment(state_dir: Path) -> None:
-    """Point this process at the embedded services unless the user configured others."""
+    """Point this process at the embedded services unless the user configured others.
+    Keys in the environment would win over the credentials file: they belong to another
+    store, so they are dropped."""
     if "AWS_ENDPOINT_URL" not in os.environ:
-        for key, value in environment(state_dir).items():
-            os.environ.setdefault(key, value)
+        env = environment(state_dir)
+        if env:
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+                os.environ.pop(key, None)
+        for key, value in env.items():
+            if key.startswith("AWS_"):
+                os.environ[key] = value
+            else:
+                os.environ.setdefault(key, value)
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri(state_dir))

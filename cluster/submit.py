@@ -2,10 +2,11 @@
 
 The job's environment carries the submitter's storage and MLflow *locations*
 (AWS_ENDPOINT_URL, MLFLOW_TRACKING_URI, ...). Credentials are expected to be on the
-cluster already (its own environment or Kubernetes secrets); `--forward-credentials`
-copies AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY into the job's runtime environment for
-clusters you own (anyone who can read the job's runtime env can then see them). Secrets
-never go on a command line and are never printed.
+cluster already (its own environment, instance profile or Kubernetes secrets).
+`--forward-credentials` forwards where the submitter's credentials are
+(AWS_SHARED_CREDENTIALS_FILE, AWS_PROFILE), for a cluster whose nodes can read that file
+(this machine, a shared mount). Key values never travel: Ray logs a job's runtime env,
+and Tune copies it to every trial. Secrets never go on a command line and are never printed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cluster.command import Command
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 FORWARDED_SETTINGS = ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL",
                       "AWS_DEFAULT_REGION", "ENAT_STATE_DIR", "RAY_AUTH_MODE")
-CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+CREDENTIAL_LOCATIONS = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What never belongs in an uploaded working dir: environments, state, outputs.
 WORKING_DIR_EXCLUDES = [".venv", ".enat", ".git", "demo-out", "**/__pycache__", "*.egg-info",
@@ -37,7 +38,11 @@ def client(address: str | None):
 
 
 def job_environment(forward_credentials: bool) -> dict[str, str]:
-    names = FORWARDED_SETTINGS + (CREDENTIALS if forward_credentials else ())
+    if forward_credentials and not os.environ.get("AWS_SHARED_CREDENTIALS_FILE"):
+        raise SystemExit("enat: error: --forward-credentials forwards a credentials file's location, never "
+                         "keys (Ray logs a job's env): set AWS_SHARED_CREDENTIALS_FILE to a file the "
+                         "cluster's nodes can read, or give the cluster its own credentials")
+    names = FORWARDED_SETTINGS + (CREDENTIAL_LOCATIONS if forward_credentials else ())
     return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
@@ -131,7 +136,8 @@ def _submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--working-dir", action="store_true",
                         help="upload this checkout as the job's working dir (else enat must be installed)")
     parser.add_argument("--forward-credentials", action="store_true",
-                        help="copy AWS_ACCESS_KEY_ID/SECRET into the job env (for clusters you own)")
+                        help="forward AWS_SHARED_CREDENTIALS_FILE/AWS_PROFILE (a file the nodes can read; "
+                             "keys never travel)")
     parser.add_argument("--job-id", help="submission id (default: generated)")
     parser.add_argument("--wait", action="store_true", help="follow logs until the job ends")
     parser.add_argument("enat_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",

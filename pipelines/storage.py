@@ -1,7 +1,10 @@
 """One way to reach storage: s3://, file:// and plain paths through fsspec.
 
-Credentials and the S3 endpoint come only from the environment (AWS_ENDPOINT_URL,
-AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never from configs. Objects are published
+The S3 endpoint comes from the environment (AWS_ENDPOINT_URL), never from configs.
+Credentials are never handed to s3fs: botocore finds them in each process (an
+AWS_SHARED_CREDENTIALS_FILE and AWS_PROFILE, as `enat services` sets them, an instance
+profile, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), so a pickled filesystem (Ray Tune
+pickles its storage filesystem into the experiment folder) carries the endpoint only. Objects are published
 atomically: written under a temporary key in a `_tmp/` folder beside the target, then
 moved into place, so a reader never sees half an object. A crash leaves only temporary
 keys, which `remove_temporaries` deletes on the next run.
@@ -10,8 +13,10 @@ keys, which `remove_temporaries` deletes on the next run.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import posixpath
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -26,24 +31,37 @@ class StorageError(RuntimeError):
     """Storage is unreachable, refuses our credentials, or the path is wrong."""
 
 
-def _s3_options() -> dict[str, Any]:
-    """Endpoint and keys read from the environment now, passed explicitly: fsspec caches
-    one client per distinct set of arguments (and process), so a changed environment
-    gets a new client while repeated calls reuse one (a new client costs ~0.1-0.3 s)."""
-    options: dict[str, Any] = {"use_listings_cache": False}  # always see the current state
+# What botocore resolves credentials from: a change in any of them needs a new client.
+_CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                       "AWS_SHARED_CREDENTIALS_FILE")
+_clients: dict[tuple, fsspec.AbstractFileSystem] = {}
+
+
+def _s3() -> fsspec.AbstractFileSystem:
+    """The S3 filesystem for the current environment. A new client costs ~0.1-0.3 s, so one
+    is kept per process, thread, endpoint and credential source (fsspec's own cache keys
+    on the constructor's arguments, which no longer include the credentials). The key
+    holds a digest of the sources, not the sources."""
     env = os.environ
-    if env.get("AWS_ENDPOINT_URL"):
-        options["endpoint_url"] = env["AWS_ENDPOINT_URL"]
-    if env.get("AWS_ACCESS_KEY_ID"):
-        options["key"] = env["AWS_ACCESS_KEY_ID"]
-        options["secret"] = env.get("AWS_SECRET_ACCESS_KEY")
-    return options
+    sources = [env.get(name, "") for name in _CREDENTIAL_SOURCES]
+    with contextlib.suppress(OSError):
+        sources.append(str(os.stat(env.get("AWS_SHARED_CREDENTIALS_FILE", "")).st_mtime_ns))
+    key = (os.getpid(), threading.get_ident(), env.get("AWS_ENDPOINT_URL", ""),
+           hashlib.sha256("\0".join(sources).encode()).hexdigest())
+    if key not in _clients:
+        options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
+        if env.get("AWS_ENDPOINT_URL"):
+            options["endpoint_url"] = env["AWS_ENDPOINT_URL"]
+        _clients[key] = fsspec.filesystem("s3", **options)
+    return _clients[key]
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for `url`."""
-    options = _s3_options() if url.startswith("s3://") else {}
-    return url_to_fs(url, **options)
+    if url.startswith("s3://"):
+        fs = _s3()
+        return fs, fs._strip_protocol(url)
+    return url_to_fs(url)
 
 
 def join(url: str, *parts: str) -> str:
@@ -143,8 +161,9 @@ def check_writable(url: str) -> None:
         write_bytes(probe, b"ok")
         remove(probe)
     except PermissionError as err:
-        raise StorageError(f"no permission to write {url}: check AWS_ACCESS_KEY_ID/"
-                           f"AWS_SECRET_ACCESS_KEY ({err.__class__.__name__})") from None
+        raise StorageError(f"no permission to write {url}: check the credentials (AWS_PROFILE and "
+                           f"AWS_SHARED_CREDENTIALS_FILE, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) "
+                           f"({err.__class__.__name__})") from None
     except FileNotFoundError:
         raise StorageError(f"cannot write {url}: the bucket or folder does not exist (create "
                            f"it, or run `enat services up` for the local bucket)") from None

@@ -30,6 +30,50 @@ def s3_env(seaweedfs, monkeypatch) -> S3Endpoint:
 
 
 @pytest.fixture
+def s3_keys_in_env(seaweedfs, monkeypatch) -> S3Endpoint:
+    """The fixture server's keys exported as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, as a
+    user might: what Ray would copy into its logs unless enat moves them first."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", seaweedfs.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweedfs.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweedfs.secret_key)  # wins over any file
+    return seaweedfs
+
+
+def _ray_sessions() -> set[Path]:
+    import os
+    import tempfile
+
+    return set((Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray").glob("session_*"))
+
+
+@pytest.fixture
+def secret_nowhere():
+    """A check: the secret's bytes are in no file of the Ray sessions started during the
+    test (their logs), of the given folders (MLflow stores, outputs) and in no object
+    under `bucket`."""
+    from pipelines import storage
+
+    before = _ray_sessions()
+
+    def check(secret: str, *folders: Path, bucket: str | None = None) -> None:
+        needle, hits = secret.encode(), []
+        for folder in (*sorted(_ray_sessions() - before), *folders):
+            for path in Path(folder).rglob("*"):
+                if path.is_file() and not path.is_symlink():
+                    try:
+                        if needle in path.read_bytes():
+                            hits.append(str(path))
+                    except OSError:  # a socket or a file removed while scanning
+                        continue
+        if bucket:
+            fs, root = storage.filesystem(bucket)
+            hits += [key for key in fs.find(root) if needle in fs.cat_file(key)]
+        assert not hits, f"the secret is in {hits[:5]}"
+
+    return check
+
+
+@pytest.fixture
 def s3_bucket(s3_env) -> str:
     """A fresh bucket on the fixture server, as an s3:// URL."""
     import uuid

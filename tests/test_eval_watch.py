@@ -61,7 +61,8 @@ def fid_history(run_id: str, extractor_id: str) -> list[tuple[int, float]]:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_checkpoints_are_evaluated_once_each_across_watcher_restarts(s3_bucket, small_extractor, tmp_path,
-                                                                     monkeypatch):
+                                                                     monkeypatch, s3_keys_in_env,
+                                                                     secret_nowhere):
     monkeypatch.chdir(tmp_path)  # MLflow's local artifact store lands in the working directory
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     root, data = storage.join(s3_bucket, "root"), shards_with_tokenizer(storage.join(s3_bucket, "data"))
@@ -94,6 +95,7 @@ def test_checkpoints_are_evaluated_once_each_across_watcher_restarts(s3_bucket, 
                  "num_samples=6", "batch_size=6", "steps=2", "poll_seconds=1"]) == 0
     assert read_records(run_url) == records
     assert len(fid_history(run_id, extractor_id)) == 2
+    secret_nowhere(s3_keys_in_env.secret_key, tmp_path, bucket=s3_bucket)  # keys were in the env
 
 
 def test_watch_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):

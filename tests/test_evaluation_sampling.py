@@ -182,7 +182,8 @@ def test_eval_checkpoint_logs_metrics_grid_and_strategy_to_mlflow(run, extractor
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_search_command_writes_strategy_plots_summary_and_nested_runs(run, extractor, tmp_path, monkeypatch):
+def test_search_command_writes_strategy_plots_summary_and_nested_runs(run, extractor, tmp_path, monkeypatch,
+                                                                      s3_keys_in_env, secret_nowhere):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     out = tmp_path / "search"
@@ -201,3 +202,5 @@ def test_search_command_writes_strategy_plots_summary_and_nested_runs(run, extra
                                (parent,)).fetchone()[0]
     assert children == 8
     assert set(Path(tempfile.gettempdir()).glob("enat-search-*")) <= scratch_before  # scratch removed
+    # AWS keys were in the environment: Tune copies them to its trials unless enat moved them.
+    secret_nowhere(s3_keys_in_env.secret_key, tmp_path)

@@ -422,6 +422,7 @@ def test_missing_empty_unwritable_or_refused_fail_before_any_work(s3_env, s3_buc
     (tmp_path / "empty" / "a.png").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="no exported model"):
         prepare(job_config(source=f"folder:{tmp_path / 'empty'}", out=out, tokenizer=str(tmp_path / "nope")))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_env.access_key)  # keys in the env win over the file
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(StorageError, match="no permission"):
         prepare(job_config(source=f"folder:{tmp_path / 'empty'}", out=out, tokenizer=tokenizer_dir))
@@ -431,7 +432,8 @@ def test_missing_empty_unwritable_or_refused_fail_before_any_work(s3_env, s3_buc
     assert cli_main(["pretokenize", f"source=folder:{tmp_path / 'empty'}", f"out={out}",
                      f"tokenizer={tokenizer_dir}", "track=false"]) == 2
     assert "enat: error: no permission to write" in capsys.readouterr().err
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env.secret_key)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     assert all_keys(s3_bucket) == []  # nothing was written anywhere
 
 

@@ -38,7 +38,8 @@ def test_bad_search_keys_fail_with_one_line(capsys):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_asha_stops_trailing_trials_and_a_rerun_restores(s3_bucket, tmp_path, monkeypatch):
+def test_asha_stops_trailing_trials_and_a_rerun_restores(s3_bucket, s3_keys_in_env, tmp_path, monkeypatch,
+                                                         secret_nowhere):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     data, root = storage.join(s3_bucket, "data"), storage.join(s3_bucket, "root")
     write_synthetic_shards(data, SyntheticSpec(grid=4, codebook_size=64, num_classes=5, samples=128,
@@ -64,3 +65,6 @@ def test_asha_stops_trailing_trials_and_a_rerun_restores(s3_bucket, tmp_path, mo
     assert main(args) == 0  # restored: the finished experiment, no new trial
     again = json.loads(storage.read_bytes(storage.join(root, "runs", "search-train", "best.json")))
     assert again["best"] == summary["best"] and len(again["trials"]) == 3
+    # Tune pickled its storage filesystem into the bucket, and copied the environment to
+    # every trial: neither holds the keys the environment had.
+    secret_nowhere(s3_keys_in_env.secret_key, tmp_path, bucket=s3_bucket)

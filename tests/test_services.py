@@ -44,8 +44,14 @@ def test_up_is_idempotent_status_tells_the_truth_and_down_stops(tmp_path):
 
         env = enat(state, "services", "env").stdout.splitlines()
         keys = [line.split("=")[0] for line in env]
-        assert keys == ["export AWS_ENDPOINT_URL", "export AWS_ACCESS_KEY_ID",
-                        "export AWS_SECRET_ACCESS_KEY", "export MLFLOW_TRACKING_URI"]
+        # Where the credentials are, never what they are; keys of another store are unset.
+        assert keys == ["unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN",
+                        "export AWS_ENDPOINT_URL", "export AWS_SHARED_CREDENTIALS_FILE",
+                        "export AWS_PROFILE", "export MLFLOW_TRACKING_URI"]
+        secret = json.loads((state / "credentials.json").read_text())["secret_key"]
+        assert secret not in "\n".join(env)
+        assert oct(os.stat(state / "aws-credentials").st_mode & 0o777) == "0o600"
+        assert secret in (state / "aws-credentials").read_text()
     finally:
         assert enat(state, "services", "down").returncode == 0
     assert not pid_alive(pid)

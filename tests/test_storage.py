@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -31,6 +32,7 @@ def test_plain_s3fs_round_trip_with_real_credentials(s3_env, s3_bucket):
 
 
 def test_wrong_secret_is_refused(s3_env, s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_env.access_key)  # keys in the env win over the file
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(storage.StorageError, match="no permission"):
         storage.check_writable(s3_bucket)
@@ -97,3 +99,34 @@ def test_webdataset_reads_s3_through_registered_handler(s3_bucket):
 def test_missing_bucket_fails_fast(s3_env):
     with pytest.raises(storage.StorageError):
         storage.check_writable("s3://no-such-bucket-enat/x")
+
+
+def test_a_pickled_filesystem_carries_the_endpoint_but_no_credentials(s3_env, s3_bucket):
+    """Ray Tune pickles its storage filesystem into the experiment folder (on the bucket)."""
+    import pickle
+
+    fs, _ = storage.filesystem(s3_bucket)
+    data = pickle.dumps(fs)
+    assert s3_env.secret_key.encode() not in data and s3_env.access_key.encode() not in data
+    copy = pickle.loads(data)  # resolves the credentials again, from the environment's file
+    path = s3_bucket[len("s3://"):] + "/pickled.bin"
+    copy.pipe(path, b"ok")
+    assert storage.read_bytes(f"{s3_bucket}/pickled.bin") == b"ok"
+
+
+def test_keys_in_the_environment_move_to_a_private_file_before_ray_starts(s3_keys_in_env, s3_bucket,
+                                                                         monkeypatch):
+    from cluster.ray_session import hide_credential_keys
+
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE"):
+        monkeypatch.setenv(name, "")  # restored after the test
+    path = hide_credential_keys()
+    assert path and oct(os.stat(path).st_mode & 0o777) == "0o600"
+    assert "AWS_ACCESS_KEY_ID" not in os.environ and "AWS_SECRET_ACCESS_KEY" not in os.environ
+    assert s3_keys_in_env.secret_key not in "".join(os.environ.values())
+    assert os.environ["AWS_SHARED_CREDENTIALS_FILE"] == path
+    storage.write_bytes(f"{s3_bucket}/moved.bin", b"still reachable")  # botocore reads the file
+    assert storage.read_bytes(f"{s3_bucket}/moved.bin") == b"still reachable"
+    assert hide_credential_keys() is None  # nothing left to move
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "half-a-pair")  # no key id: dropped, not kept
+    assert hide_credential_keys() is None and "AWS_SECRET_ACCESS_KEY" not in os.environ

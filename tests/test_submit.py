@@ -78,11 +78,18 @@ def test_entrypoint_and_environment_never_carry_secrets(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "S3CRET")
+    monkeypatch.delenv("AWS_SHARED_CREDENTIALS_FILE", raising=False)
+    monkeypatch.setenv("AWS_PROFILE", "team")
     command = ["--", "enat", "data", "demo", "limit=3"]
     assert entrypoint(command, working_dir=False) == "enat data demo limit=3"
     assert entrypoint(["train", "x=1"], working_dir=True) == "python -m cluster.cli train x=1"
     assert job_environment(False) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:1"}
-    assert job_environment(True)["AWS_SECRET_ACCESS_KEY"] == "S3CRET"
+    # Forwarding credentials forwards where they are, never keys; without a file, it refuses.
+    with pytest.raises(SystemExit, match="never keys"):
+        job_environment(True)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/shared/aws-credentials")
+    assert job_environment(True) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_PROFILE": "team",
+                                     "AWS_SHARED_CREDENTIALS_FILE": "/shared/aws-credentials"}
 
 
 @pytest.mark.integration

@@ -204,6 +204,7 @@ def test_bad_inputs_fail_before_training(tmp_path, s3_bucket, capsys, monkeypatc
     assert "is not a complete checkpoint" in fails("run=new", f"resume={checkpoint.step_url(root, 'old', 9)}")
     os.remove(tmp_path / "data" / "train" / "shard-000001.tar")
     assert "1 of 2 shards listed" in fails()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "enat-not-a-key")  # keys in the env win over the file
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     assert f"no permission to write {s3_bucket}/runs/" in fails(f"root={s3_bucket}")
 
