@@ -99,3 +99,13 @@ def test_a_stage_beside_the_next_runs_in_the_background_and_its_failure_names_it
     assert "bogus" in (tmp_path / "logs" / "data-demo.log").read_text()
     output = capsys.readouterr().out
     assert "in the background" in output and "done before: skipped" in output
+
+
+def test_a_rerun_with_nothing_to_do_keeps_the_times_of_the_run_that_made_the_outputs(tmp_path):
+    from cluster.demo import previous_timings
+
+    config = DemoConfig(work_dir=str(tmp_path))
+    assert previous_timings(config) is None  # no summary yet: this run's times count
+    (tmp_path / "summary.json").write_text(json.dumps({"demo_seconds": 1164.0,
+                                                       "stage_seconds": {"tokenizer training": 148.0}}))
+    assert previous_timings(config) == (1164.0, {"tokenizer training": 148.0})
