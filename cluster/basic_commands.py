@@ -13,6 +13,7 @@ from cluster.command import Command
 def _services_command(action: str) -> Command:
     def run(_config: Any, args: argparse.Namespace) -> int:
         from cluster import services
+        from cluster.ray_session import KEY_VARIABLES
 
         state = Path(args.state_dir)
         if action == "up":
@@ -35,7 +36,7 @@ def _services_command(action: str) -> Command:
                       file=sys.stderr)
                 return 3
             # Keys in the shell would win over the credentials file: they belong to another store.
-            print("unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN")
+            print(f"unset {' '.join(KEY_VARIABLES)}")
             for key, value in env.items():
                 print(f"export {key}={value}")
         return 0

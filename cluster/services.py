@@ -22,6 +22,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.ray_session import KEY_VARIABLES
+
 DEFAULT_STATE_DIR = ".enat"
 DEFAULT_BUCKET = "enat"
 
@@ -326,7 +328,7 @@ def apply_environment(state_dir: Path) -> None:
     if "AWS_ENDPOINT_URL" not in os.environ:
         env = environment(state_dir)
         if env:
-            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            for key in KEY_VARIABLES:
                 os.environ.pop(key, None)
         for key, value in env.items():
             if key.startswith("AWS_"):

@@ -125,9 +125,9 @@ class AutoNATSearch:
         """All evaluations of the current update (base first, then one per direction)."""
         points = [Evaluation(self.update, -1, list(self.params))]
         for d, coordinates in enumerate(self.directions()):
-            moved = list(self.params)
+            moved, delta = list(self.params), self.delta(d)
             for i in coordinates:
-                moved[i] += self.delta(d)
+                moved[i] += delta
             points.append(Evaluation(self.update, d, moved))
         return points
 

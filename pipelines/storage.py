@@ -4,8 +4,8 @@ The S3 endpoint comes from the environment (AWS_ENDPOINT_URL), never from config
 Credentials are never handed to s3fs: botocore finds them in each process (an
 AWS_SHARED_CREDENTIALS_FILE and AWS_PROFILE, as `enat services` sets them, an instance
 profile, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), so a pickled filesystem (Ray Tune
-pickles its storage filesystem into the experiment folder) carries the endpoint only. Objects are published
-atomically: written under a temporary key in a `_tmp/` folder beside the target, then
+pickles its storage filesystem into the experiment folder) carries the endpoint only.
+Objects are published atomically: written under a temporary key in a `_tmp/` folder beside the target, then
 moved into place, so a reader never sees half an object. A crash leaves only temporary
 keys, which `remove_temporaries` deletes on the next run.
 """

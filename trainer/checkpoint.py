@@ -200,10 +200,11 @@ def save(url: str, step: int, engine: Any, ema_model: Any, ema_config: ModelConf
                 written[name] = _sha256_file(path)
     small = {f"{DATA_DIR}/rank-{rank:05d}.json": json.dumps(data_position).encode()}
     if rank == 0:
-        model_io.save_model(storage.join(url, EMA_DIR), ema_model, ema_config, extra={"step": step})
+        weights = model_io.save_model(storage.join(url, EMA_DIR), ema_model, ema_config, extra={"step": step})
+        written[f"{EMA_DIR}/{model_io.WEIGHTS_NAME}"] = weights  # save_model returns its sha256
+        ema_config_name = f"{EMA_DIR}/{model_io.CONFIG_NAME}"  # small: read back to hash what was stored
+        written[ema_config_name] = hashlib.sha256(folder.read(ema_config_name)).hexdigest()
         small[CONFIG_NAME] = json.dumps(train_config, indent=1).encode()
-        for name in (f"{EMA_DIR}/{model_io.WEIGHTS_NAME}", f"{EMA_DIR}/{model_io.CONFIG_NAME}"):
-            written[name] = hashlib.sha256(folder.read(name)).hexdigest()
     for name, data in small.items():
         folder.write(name, data)
         written[name] = hashlib.sha256(data).hexdigest()
