@@ -13,17 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.device import pick_device  # noqa: E402
-from models.layers import attend  # noqa: E402
+from enat.models.device import pick_device
+from enat.models.layers import attend
 
 # (name, batch, heads, queries, keys, head dim): the demo models at batch 32 (tiny NAT: 64
 # tokens + the class token; tiny ENAT's decoder: 51 mask tokens over 13 visible + 51), and

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models import NATConfig, build_config, build_model  # noqa: E402
-from models.flops import example_condition, generation_flops  # noqa: E402
-from models.generate import generate  # noqa: E402
-from models.strategy import Strategy  # noqa: E402
+from enat.models import NATConfig, build_config, build_model
+from enat.models.flops import example_condition, generation_flops
+from enat.models.generate import generate
+from enat.models.strategy import Strategy
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 

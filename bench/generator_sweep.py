@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 FRESH_SEED = 1_000_003
 # name -> (train preset, overrides). Global batch = batch_size here (one rank).
@@ -59,7 +58,7 @@ def free_port() -> int:
 
 def train(name: str, preset: str, overrides: list[str], tokens: str, work: str) -> tuple[str, float]:
     """Train (or find trained) the variant; (its last checkpoint URL, seconds spent training)."""
-    from trainer import checkpoint
+    from enat.trainer import checkpoint
 
     root = os.path.join(work, "runs")
     latest = checkpoint.latest(root, name)
@@ -69,7 +68,7 @@ def train(name: str, preset: str, overrides: list[str], tokens: str, work: str) 
         env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(free_port())}
         started = time.monotonic()
-        subprocess.run([sys.executable, "-m", "cluster.cli", "train", "--config", preset, f"root={root}",
+        subprocess.run([sys.executable, "-m", "enat.cluster.cli", "train", "--config", preset, f"root={root}",
                         f"run={name}", f"data.url={tokens}", "launch.launcher=process", "tracking=false",
                         "log_every=100", f"checkpoint_every={steps}", *overrides],
                        check=True, cwd=REPO, env=env)
@@ -79,9 +78,9 @@ def train(name: str, preset: str, overrides: list[str], tokens: str, work: str) 
 
 
 def score(checkpoint_url: str, reference: str, extractor: str, samples: int) -> dict:
-    from evaluation.evaluate import CheckpointEvaluator
-    from models.strategy import Strategy
-    from trainer import checkpoint
+    from enat.evaluation.evaluate import CheckpointEvaluator
+    from enat.models.strategy import Strategy
+    from enat.trainer import checkpoint
 
     evaluator = CheckpointEvaluator(checkpoint_url, "", reference, extractor, batch_size=250)
     result = evaluator(Strategy.default(8), samples, FRESH_SEED, kid=False, isc=False, flops=False,

@@ -22,15 +22,14 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 
 def tiny_tokenizer(folder: Path) -> str:
     import torch
     import yaml
 
-    from models import build_config, build_model
-    from pipelines.model_io import save_model
+    from enat.models import build_config, build_model
+    from enat.pipelines.model_io import save_model
 
     config = build_config(yaml.safe_load((REPO_ROOT / "configs/models/tiny-tokenizer.yaml").read_text()))
     torch.manual_seed(0)
@@ -45,7 +44,7 @@ def encode_throughput(tokenizer_url: str, resolution: int, batch_size: int,
     import numpy as np
     import torch
 
-    from pipelines.pretokenize import encode_images, load_tokenizer
+    from enat.pipelines.pretokenize import encode_images, load_tokenizer
 
     torch.set_num_threads(1)
     model = load_tokenizer(tokenizer_url).model
@@ -72,10 +71,10 @@ def main() -> int:
 
     import ray
 
-    from cluster.pretokenize_cmd import run_pretokenize
-    from pipelines.demo_data import list_emoji, write_imagenet_tree
-    from pipelines.pretokenize import PretokenizeConfig, load_tokenizer
-    from pipelines.shards import read_manifest
+    from enat.cluster.pretokenize_cmd import run_pretokenize
+    from enat.pipelines.demo_data import list_emoji, write_imagenet_tree
+    from enat.pipelines.pretokenize import PretokenizeConfig, load_tokenizer
+    from enat.pipelines.shards import read_manifest
 
     scratch = Path(tempfile.mkdtemp(prefix="enat-bench-"))
     try:

@@ -36,13 +36,13 @@ FSQ_OFF = {"l2_normalize_codes": False}
 def run_variant(name: str, data: str, work: str, steps: int, norm_groups: int, probe_steps: int) -> dict:
     import torch
 
-    from cluster.config import preset_path, read_yaml
-    from evaluation.image_sets import ImageSet, read_all
-    from models import VQGANConfig, build_config
-    from models.config import config_to_dict
-    from pipelines import model_io
-    from trainer.token_predictability import ProbeConfig, measure
-    from trainer.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+    from enat.cluster.config import preset_path, read_yaml
+    from enat.evaluation.image_sets import ImageSet, read_all
+    from enat.models import VQGANConfig, build_config
+    from enat.models.config import config_to_dict
+    from enat.pipelines import model_io
+    from enat.trainer.token_predictability import ProbeConfig, measure
+    from enat.trainer.tokenizer_train import TokenizerTrainConfig, train_tokenizer
 
     torch.set_num_threads(1)
     overrides = dict(VARIANTS[name])

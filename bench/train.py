@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 SPEC = {"grid": 8, "codebook_size": 256, "num_classes": 10, "samples": 4096, "per_shard": 256}
 
@@ -37,8 +36,8 @@ def model_preset() -> dict:
 
 
 def train_config(data: str, root: str, stage: int, args: argparse.Namespace):
-    from models.typed_config import from_dict
-    from trainer.loop import TrainConfig
+    from enat.models.typed_config import from_dict
+    from enat.trainer.loop import TrainConfig
 
     half = max(1, args.steps // 2)
     return from_dict(TrainConfig, {
@@ -49,7 +48,7 @@ def train_config(data: str, root: str, stage: int, args: argparse.Namespace):
 
 def worker(args: argparse.Namespace) -> None:
     """One torchrun process: every ZeRO stage in turn; rank 0 writes the last interval's metrics."""
-    from trainer.loop import train
+    from enat.trainer.loop import train
 
     results = {}
     for stage in (0, 1, 2, 3):
@@ -60,8 +59,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def loader_rate(data: str, batch_size: int, batches: int = 60) -> float:
-    from models import build_config
-    from trainer.data import DataConfig, TokenStream, open_dataset
+    from enat.models import build_config
+    from enat.trainer.data import DataConfig, TokenStream, open_dataset
 
     config = DataConfig(url=data)
     stream = TokenStream(open_dataset(config, build_config(model_preset())), config, batch_size, seed=0,
@@ -79,10 +78,10 @@ def loader_rate(data: str, batch_size: int, batches: int = 60) -> float:
 def plain_step_time(data: str, args: argparse.Namespace) -> float:
     import torch
 
-    from models import build_config, build_model
-    from models.device import bf16_supported
-    from models.masking import MaskingConfig, mask_tokens, masked_token_loss
-    from trainer.data import DataConfig, TokenStream, open_dataset
+    from enat.models import build_config, build_model
+    from enat.models.device import bf16_supported
+    from enat.models.masking import MaskingConfig, mask_tokens, masked_token_loss
+    from enat.trainer.data import DataConfig, TokenStream, open_dataset
 
     torch.set_num_threads(1)
     config = build_config(model_preset())
@@ -123,7 +122,7 @@ def main() -> int:
         worker(args)
         return 0
 
-    from trainer.synthetic import SyntheticSpec, write_synthetic_shards
+    from enat.trainer.synthetic import SyntheticSpec, write_synthetic_shards
 
     with tempfile.TemporaryDirectory(prefix="enat-bench-train-") as tmp:
         data, root, out = f"{tmp}/data", f"{tmp}/root", f"{tmp}/zero.json"
@@ -133,7 +132,7 @@ def main() -> int:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                    __file__, "--worker", "--data", data, "--root", root, "--out", out,
                    "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         run = subprocess.run(command, env=env, capture_output=True, text=True)
         if run.returncode != 0:
             print(run.stdout[-2000:] + run.stderr[-4000:], file=sys.stderr)
@@ -161,7 +160,7 @@ def main() -> int:
 def _bf16() -> bool:
     import torch
 
-    from models.device import bf16_supported
+    from enat.models.device import bf16_supported
 
     return bf16_supported(torch.device("cpu"))
 

@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.command import Command
+from enat.cluster.command import Command
 
 
 def _services_command(action: str) -> Command:
     def run(_config: Any, args: argparse.Namespace) -> int:
-        from cluster import services
-        from cluster.ray_session import KEY_VARIABLES
+        from enat.cluster import services
+        from enat.cluster.ray_session import KEY_VARIABLES
 
         state = Path(args.state_dir)
         if action == "up":
@@ -53,7 +53,7 @@ def _services_command(action: str) -> Command:
 
 
 def _data_demo(config: Any, _args: argparse.Namespace) -> int:
-    from pipelines.demo_data import make_demo_data
+    from enat.pipelines.demo_data import make_demo_data
 
     summary = make_demo_data(config)
     print(f"demo data: {summary['images']} images in {len(summary['categories'])} classes")
@@ -63,14 +63,14 @@ def _data_demo(config: Any, _args: argparse.Namespace) -> int:
 
 
 def _demo(config: Any, args: argparse.Namespace) -> int:
-    from cluster.demo import run_demo
+    from enat.cluster.demo import run_demo
 
     return run_demo(config, Path(args.state_dir))
 
 
 def commands() -> dict[str, dict[str, Command]]:
-    from cluster.demo import DemoConfig
-    from pipelines.demo_data import DemoDataConfig
+    from enat.cluster.demo import DemoConfig
+    from enat.pipelines.demo_data import DemoDataConfig
 
     return {
         "": {"demo": Command("run the end-to-end demo on embedded services", DemoConfig, _demo)},

@@ -13,22 +13,22 @@ import sys
 import typing
 from typing import Any
 
-from cluster.command import Command
-from cluster.config import load_config
-from models.typed_config import ConfigError
+from enat.cluster.command import Command
+from enat.cluster.config import load_config
+from enat.models.typed_config import ConfigError
 
 # Each module lists its subcommands in `commands()` (group -> name -> Command; group ""
 # holds top-level commands) and may describe its groups in GROUP_HELP.
 COMMAND_MODULES = [
-    "cluster.basic_commands",
-    "cluster.tokenizer_cmd",
-    "cluster.train_cmd",
-    "cluster.submit",
-    "cluster.pretokenize_cmd",
-    "cluster.eval_cmd",
-    "cluster.eval_watch",
-    "cluster.search_cmd",
-    "cluster.search_train",
+    "enat.cluster.basic_commands",
+    "enat.cluster.tokenizer_cmd",
+    "enat.cluster.train_cmd",
+    "enat.cluster.submit",
+    "enat.cluster.pretokenize_cmd",
+    "enat.cluster.eval_cmd",
+    "enat.cluster.eval_watch",
+    "enat.cluster.search_cmd",
+    "enat.cluster.search_train",
 ]
 
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from models.typed_config import ConfigError, from_dict
+from enat.models.typed_config import ConfigError, from_dict
 
 T = TypeVar("T")
 

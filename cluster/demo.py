@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from cluster import services
-from cluster.demo_summary import write_summary
-from pipelines import storage
-from pipelines.demo_data import DemoDataConfig, make_demo_data
+from enat.cluster import services
+from enat.cluster.demo_summary import write_summary
+from enat.pipelines import storage
+from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
 
 FRESH_SEED = 1_000_003  # final evaluations: seeds no search trial used
 
@@ -74,7 +74,7 @@ def _header(title: str) -> None:
 
 def _command(stage: Stage) -> list[str]:
     print("$ enat " + " ".join(shlex.quote(arg) for arg in stage.args), flush=True)
-    return [sys.executable, "-m", "cluster.cli", *stage.args]
+    return [sys.executable, "-m", "enat.cluster.cli", *stage.args]
 
 
 def _check(stage: Stage, code: int, log: Path | None = None) -> None:
@@ -161,7 +161,7 @@ def _exists(url: str) -> Callable[[], bool]:
 
 
 def _evaluated(paths: DemoPaths, step: int) -> Callable[[], bool]:
-    from evaluation.watch import record_url
+    from enat.evaluation.watch import record_url
 
     return lambda: storage.exists(record_url(paths.run, step))
 
@@ -267,7 +267,7 @@ def write_captions(paths: DemoPaths, per_class: int = 8) -> None:
     """Captions to sample from, `caption<TAB>category` per line: the names of the first
     `per_class` emoji of every category, class by class (the grid shows a row per caption
     block). The category is what class consistency checks the sample against."""
-    from pipelines.demo_data import list_emoji
+    from enat.pipelines.demo_data import list_emoji
 
     chosen: dict[str, list[str]] = {}
     for emoji in list_emoji():

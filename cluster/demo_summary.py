@@ -13,10 +13,10 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
-from pipelines import storage
+from enat.pipelines import storage
 
 if TYPE_CHECKING:
-    from cluster.demo import DemoConfig, DemoPaths
+    from enat.cluster.demo import DemoConfig, DemoPaths
 
 # Columns of the comparison picture: (title, evaluation whose grid it shows; None = real).
 PICTURE_COLUMNS = (("real", None), ("ENAT 8 steps", "default-8"), ("NAT 8 steps", "nat-default-8"),
@@ -48,8 +48,8 @@ def training_figures(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from pipelines.shards import read_manifest, read_shard
-    from trainer.token_predictability import unigram_entropy
+    from enat.pipelines.shards import read_manifest, read_shard
+    from enat.trainer.token_predictability import unigram_entropy
 
     figures: dict[str, Any] = {}
     if storage.exists(storage.join(paths.tokens, "manifest.json")):
@@ -66,7 +66,7 @@ def training_figures(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
 
 
 def collect(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
-    from evaluation.watch import read_records
+    from enat.evaluation.watch import read_records
 
     rows = ["default-8", *[f"searched-{steps}" for steps in config.search_steps], "nat-default-8", "text"]
     evals = {name: _json(os.path.join(paths.evals, name, "metrics.json")) for name in rows}
@@ -146,8 +146,8 @@ def comparison_picture(paths: DemoPaths, out: str) -> str | None:
     import torch
     from PIL import Image, ImageDraw
 
-    from evaluation.image_sets import ImageSet, read_all
-    from evaluation.sampling import GridCollector
+    from enat.evaluation.image_sets import ImageSet, read_all
+    from enat.evaluation.sampling import GridCollector
 
     panels = []
     for title, name in PICTURE_COLUMNS:

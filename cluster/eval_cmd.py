@@ -21,17 +21,17 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.command import Command
-from cluster.config import load_config
-from models.typed_config import check, to_dict
+from enat.cluster.command import Command
+from enat.cluster.config import load_config
+from enat.models.typed_config import check, to_dict
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def log_evaluation(tracker: Any, result: dict, config: dict | None = None) -> None:
     """Log one evaluate_checkpoint result to an MLflow run (pipelines.tracking.Tracker)."""
-    from evaluation.evaluate import evaluation_metrics
-    from pipelines import storage
+    from enat.evaluation.evaluate import evaluation_metrics
+    from enat.pipelines import storage
 
     extractor_id = result["extractor_id"]
     tracker.log_params({**(config or {}), "extractor_id": extractor_id, "num_samples": result["num_samples"],
@@ -47,11 +47,11 @@ def clear_errors(run: Any) -> Any:
     """Known bad-input errors become one line on stderr and exit code 2 (not a traceback)."""
 
     def wrapped(config: Any, args: argparse.Namespace) -> int | None:
-        from evaluation.image_sets import ImageSetError
-        from evaluation.metrics import ExtractorMismatch, MissingWeights
-        from evaluation.sampling import SamplingError
-        from evaluation.strategy_io import StrategyError
-        from pipelines.sources import SourceError
+        from enat.evaluation.image_sets import ImageSetError
+        from enat.evaluation.metrics import ExtractorMismatch, MissingWeights
+        from enat.evaluation.sampling import SamplingError
+        from enat.evaluation.strategy_io import StrategyError
+        from enat.pipelines.sources import SourceError
 
         try:
             return run(config, args)
@@ -84,7 +84,7 @@ def _with_checkpoint(help_text: str, config_cls: type, run: Any) -> Command:
 
 
 def _sample(config: Any, _args: argparse.Namespace) -> int:
-    from evaluation.sampling import run_sample
+    from enat.evaluation.sampling import run_sample
 
     summary = run_sample(config)
     rate = summary["images_per_s"]
@@ -96,7 +96,7 @@ def _sample(config: Any, _args: argparse.Namespace) -> int:
 
 
 def _fid_stats(config: Any, _args: argparse.Namespace) -> int:
-    from evaluation.metrics import compute_fid_stats
+    from enat.evaluation.metrics import compute_fid_stats
 
     stats = compute_fid_stats(config)
     print(f"statistics of {stats.num_images} images at {stats.resolution}px, extractor {stats.extractor_id}"
@@ -105,8 +105,8 @@ def _fid_stats(config: Any, _args: argparse.Namespace) -> int:
 
 
 def _eval_checkpoint(config: Any, _args: argparse.Namespace) -> int:
-    from evaluation.evaluate import evaluate, metrics_line
-    from pipelines.tracking import Tracker
+    from enat.evaluation.evaluate import evaluate, metrics_line
+    from enat.pipelines.tracking import Tracker
 
     result = evaluate(config)
     parts = result["checkpoint"].rstrip("/").split("/")  # .../runs/<run>/checkpoints/step-<n>/ema
@@ -124,7 +124,7 @@ def _eval_checkpoint(config: Any, _args: argparse.Namespace) -> int:
 
 
 def _train_features(config: Any, _args: argparse.Namespace) -> int:
-    from evaluation.features import train_domain_extractor
+    from enat.evaluation.features import train_domain_extractor
 
     meta = train_domain_extractor(config)
     print(f"domain extractor {meta['id']}: held-out accuracy {meta['holdout_accuracy']:.3f} on "
@@ -148,10 +148,10 @@ class FloorConfig:
 
 
 def _floor(config: FloorConfig, _args: argparse.Namespace) -> int:
-    from evaluation.evaluate import metrics_line
-    from evaluation.image_sets import ImageSet, read_all
-    from evaluation.metrics import load_extractor, real_floor
-    from pipelines import storage
+    from enat.evaluation.evaluate import metrics_line
+    from enat.evaluation.image_sets import ImageSet, read_all
+    from enat.evaluation.metrics import load_extractor, real_floor
+    from enat.pipelines import storage
 
     images, _ = read_all(ImageSet(config.images, config.resolution, limit=config.limit))
     result = real_floor(images, load_extractor(config.extractor, config.device), config.seed)
@@ -163,10 +163,10 @@ def _floor(config: FloorConfig, _args: argparse.Namespace) -> int:
 
 
 def commands() -> dict[str, dict[str, Command]]:
-    from evaluation.evaluate import EvalConfig
-    from evaluation.features import FeatureTrainConfig
-    from evaluation.metrics import FidStatsConfig
-    from evaluation.sampling import SampleConfig
+    from enat.evaluation.evaluate import EvalConfig
+    from enat.evaluation.features import FeatureTrainConfig
+    from enat.evaluation.metrics import FidStatsConfig
+    from enat.evaluation.sampling import SampleConfig
 
     return {
         "": {

@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.command import Command
-from evaluation.watch import WatchConfig, checkpoints_of, evaluate_step, read_records
-from models.typed_config import check
+from enat.cluster.command import Command
+from enat.evaluation.watch import WatchConfig, checkpoints_of, evaluate_step, read_records
+from enat.models.typed_config import check
 
 
 @dataclass
@@ -44,7 +44,7 @@ def _say(message: str) -> None:
 
 
 def _describe(record: dict[str, Any]) -> str:
-    from evaluation.evaluate import metrics_line
+    from enat.evaluation.evaluate import metrics_line
 
     return (f"{metrics_line(record)}  [extractor {record['extractor_id']}, {record['num_samples']} samples, "
             f"{record['images_per_s']:.3g} images/s]")
@@ -58,7 +58,7 @@ def watch(config: WatchConfig, stop: threading.Event | None = None) -> dict[int,
     Returns the records of the evaluations this call ran. Ray must be connected."""
     import ray
 
-    from cluster.ray_session import cluster_has_gpus
+    from enat.cluster.ray_session import cluster_has_gpus
 
     check("/runs/" in config.run, "run", "a training run folder, <root>/runs/<run>", config.run)
     options: dict[str, Any] = {"num_cpus": config.num_cpus, "max_retries": 1}
@@ -112,7 +112,7 @@ class BackgroundWatch:
     """The watcher in a thread of the training driver: started before training, drained after."""
 
     def __init__(self, config: TrainEvalConfig, run_url: str):
-        from models.typed_config import from_dict, to_dict
+        from enat.models.typed_config import from_dict, to_dict
 
         fields = {key: value for key, value in to_dict(config).items() if key != "watch"}
         self.config = from_dict(WatchConfig, {**fields, "run": run_url})
@@ -141,7 +141,7 @@ class BackgroundWatch:
 
 
 def _run(config: WatchConfig, _args: argparse.Namespace) -> int:
-    from cluster.ray_session import start_ray
+    from enat.cluster.ray_session import start_ray
 
     owns_ray = start_ray()
     try:
@@ -160,7 +160,7 @@ def _run(config: WatchConfig, _args: argparse.Namespace) -> int:
 
 
 def commands() -> dict[str, dict[str, Command]]:
-    from cluster.eval_cmd import clear_errors
+    from enat.cluster.eval_cmd import clear_errors
 
     return {"eval": {"watch": Command("evaluate each new checkpoint of a training run as a Ray task",
                                       WatchConfig, clear_errors(_run), positional="run")}}

@@ -19,11 +19,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cluster.command import Command
-from cluster.ray_session import start_ray
-from models.typed_config import to_dict
-from pipelines.pretokenize import PretokenizeConfig
-from pipelines.shards import Manifest
+from enat.cluster.command import Command
+from enat.cluster.ray_session import start_ray
+from enat.models.typed_config import to_dict
+from enat.pipelines.pretokenize import PretokenizeConfig
+from enat.pipelines.shards import Manifest
 
 DEFAULT_GPU_FRACTION = 0.25
 
@@ -31,7 +31,7 @@ DEFAULT_GPU_FRACTION = 0.25
 def _shard_task(task: Any, threads: int) -> dict[str, Any]:
     import torch
 
-    from pipelines.pretokenize import process_shard
+    from enat.pipelines.pretokenize import process_shard
 
     torch.set_num_threads(threads)  # the task's CPU share, not the whole machine
     return process_shard(task)
@@ -85,8 +85,8 @@ def run_shards(job: Any, config: PretokenizeConfig, progress: bool = True) -> tu
 
 def run_pretokenize(config: PretokenizeConfig, progress: bool = True) -> int:
     """The whole job: prepare (fail fast), shard tasks on Ray, manifest, MLflow, summary."""
-    from pipelines.pretokenize import prepare
-    from pipelines.tracking import Tracker
+    from enat.pipelines.pretokenize import prepare
+    from enat.pipelines.tracking import Tracker
 
     started = time.monotonic()
     job = prepare(config)
@@ -117,7 +117,7 @@ def run_pretokenize(config: PretokenizeConfig, progress: bool = True) -> int:
 
 def _run_job(job: Any, config: PretokenizeConfig, started: float, progress: bool, tracker: Any) -> Any:
     """The shard tasks, then the manifest; None (with the reason printed) if shards failed."""
-    from pipelines.pretokenize import finish
+    from enat.pipelines.pretokenize import finish
 
     started_ray = start_ray()
     try:
@@ -160,8 +160,8 @@ def inspect_output(out: str, samples: int, grid_path: str, tokenizer_url: str = 
     import torch
     from PIL import Image
 
-    from pipelines.pretokenize import PretokenizeError, load_tokenizer
-    from pipelines.shards import read_manifest, read_shard
+    from enat.pipelines.pretokenize import PretokenizeError, load_tokenizer
+    from enat.pipelines.shards import read_manifest, read_shard
 
     manifest = read_manifest(out)
     tokenizer = load_tokenizer(tokenizer_url or manifest.tokenizer_url)
@@ -217,10 +217,10 @@ def summary_lines(manifest: Manifest, out: str) -> list[str]:
 
 
 def _run(config: PretokenizeConfig, args: argparse.Namespace) -> int:
-    from pipelines.pretokenize import PretokenizeError
-    from pipelines.sources import SourceError
-    from pipelines.storage import StorageError
-    from pipelines.text_encoder import TextEncoderUnavailable
+    from enat.pipelines.pretokenize import PretokenizeError
+    from enat.pipelines.sources import SourceError
+    from enat.pipelines.storage import StorageError
+    from enat.pipelines.text_encoder import TextEncoderUnavailable
 
     try:
         if args.inspect:

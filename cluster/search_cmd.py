@@ -19,12 +19,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cluster.command import Command
-from evaluation.schedule_search import SearchHyperparameters
-from models.strategy import Strategy
-from models.typed_config import check, to_dict
-from pipelines import storage
-from pipelines.tracking import Tracker
+from enat.cluster.command import Command
+from enat.evaluation.schedule_search import SearchHyperparameters
+from enat.models.strategy import Strategy
+from enat.models.typed_config import check, to_dict
+from enat.pipelines import storage
+from enat.pipelines.tracking import Tracker
 
 FRESH_SEED_OFFSET = 1_000_003  # validation seeds, disjoint from every search seed
 
@@ -74,7 +74,7 @@ class SearchConfig:
 def _evaluator(checkpoint: str, tokenizer: str, reference: str, extractor: str, batch_size: int,
                device: str):
     """Loaded once per trial process (Tune reuses its actors across trials)."""
-    from evaluation.evaluate import CheckpointEvaluator
+    from enat.evaluation.evaluate import CheckpointEvaluator
 
     return CheckpointEvaluator(checkpoint, tokenizer, reference, extractor, batch_size=batch_size,
                                device=device)
@@ -149,7 +149,7 @@ def plot_search(history: list[dict], before: Strategy, after: Strategy, out_dir:
 
 
 def run_search_command(config: SearchConfig) -> dict[str, Any]:
-    from evaluation.strategy_io import load_strategy
+    from enat.evaluation.strategy_io import load_strategy
 
     out = config.output_url()
     initial = load_strategy(config.initial, config.steps)
@@ -164,8 +164,8 @@ def run_search_command(config: SearchConfig) -> dict[str, Any]:
 
 def _run_search(config: SearchConfig, out: str, initial: Strategy, tracker: Tracker,
                 local: str) -> dict[str, Any]:
-    from cluster.tune_search import TuneSettings, run_search
-    from evaluation.strategy_io import save_strategy
+    from enat.cluster.tune_search import TuneSettings, run_search
+    from enat.evaluation.strategy_io import save_strategy
 
     started = time.monotonic()
     result = run_search(

@@ -24,9 +24,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.command import Command
-from cluster.config import parse_overrides
-from models.typed_config import ConfigError, check, from_dict, to_dict
+from enat.cluster.command import Command
+from enat.cluster.config import parse_overrides
+from enat.models.typed_config import ConfigError, check, from_dict, to_dict
 
 
 @dataclass
@@ -66,7 +66,7 @@ class TrainSearchConfig:
 def load_search(preset: str | None, overrides: list[str]) -> tuple[Any, Any, TrainSearchConfig]:
     """(train config, launch config, search config): `search.<key>=...` overrides configure the
     search, every other key the trials' training (as for `enat train`)."""
-    from cluster.train_cmd import load_train_config
+    from enat.cluster.train_cmd import load_train_config
 
     search = parse_overrides([o for o in overrides if o.startswith("search.")]).get("search", {})
     config, launch, evals = load_train_config(preset, [o for o in overrides if not o.startswith("search.")])
@@ -100,8 +100,8 @@ def _trial(params: dict[str, Any]) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.train_cmd import _ray_worker, ray_storage
-    from trainer import checkpoint
+    from enat.cluster.train_cmd import _ray_worker, ray_storage
+    from enat.trainer import checkpoint
 
     search, launch = params["search"], params["launch"]
     config = trial_config(params["base"], search, params, ray.tune.get_context().get_trial_id())
@@ -127,10 +127,10 @@ def run_search_train(config: Any, launch: Any, search: TrainSearchConfig) -> dic
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from cluster.ray_session import cluster_has_gpus, start_ray
-    from cluster.train_cmd import ray_storage
-    from pipelines import storage
-    from trainer import checkpoint
+    from enat.cluster.ray_session import cluster_has_gpus, start_ray
+    from enat.cluster.train_cmd import ray_storage
+    from enat.pipelines import storage
+    from enat.trainer import checkpoint
 
     experiment_url = checkpoint.run_url(config.root, search.name)
     storage.check_writable(experiment_url)
@@ -174,7 +174,7 @@ def run_search_train(config: Any, launch: Any, search: TrainSearchConfig) -> dic
 def summarize(results: Any, experiment_url: str, search: TrainSearchConfig) -> dict[str, Any]:
     """Every trial's setting, last val_loss and steps reached; the best (lowest val_loss
     among the trials that reached max_steps) written to best.json and best.yaml."""
-    from pipelines import storage
+    from enat.pipelines import storage
 
     trials = []
     for result in results:

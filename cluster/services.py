@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.ray_session import KEY_VARIABLES
+from enat.cluster.ray_session import KEY_VARIABLES
 
 DEFAULT_STATE_DIR = ".enat"
 DEFAULT_BUCKET = "enat"

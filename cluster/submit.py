@@ -19,16 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.command import Command
+from enat.cluster.command import Command
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 FORWARDED_SETTINGS = ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL",
                       "AWS_DEFAULT_REGION", "ENAT_STATE_DIR", "RAY_AUTH_MODE")
 CREDENTIAL_LOCATIONS = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# What never belongs in an uploaded working dir: environments, state, outputs.
-WORKING_DIR_EXCLUDES = [".venv", ".enat", ".git", "demo-out", "**/__pycache__", "*.egg-info",
-                        ".pytest_cache", ".ruff_cache", "bench/results"]
+# The checkout's folders that make the `enat` package (pyproject.toml's package-dir).
+PACKAGE_FOLDERS = ("models", "trainer", "pipelines", "cluster", "evaluation", "configs")
 
 
 def client(address: str | None):
@@ -46,44 +45,60 @@ def job_environment(forward_credentials: bool) -> dict[str, str]:
     return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
-def runtime_env(working_dir: bool, forward_credentials: bool) -> dict[str, Any]:
+def checkout_package(into: Path) -> Path:
+    """This checkout laid out as the installed `enat` package (enat/models, enat/configs, …)
+    under `into`, for Ray to ship to the job's driver and every worker as a py_module."""
+    import shutil
+
+    package = into / "enat"
+    for folder in PACKAGE_FOLDERS:
+        shutil.copytree(REPO_ROOT / folder, package / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return package
+
+
+def runtime_env(package: Path | None, forward_credentials: bool) -> dict[str, Any]:
+    """The job's runtime env: settings (never keys), and the checkout's `enat` package when
+    one is given (the cluster's Python must already have the dependencies)."""
     env: dict[str, Any] = {"env_vars": job_environment(forward_credentials)}
-    if working_dir:
-        # Ship this checkout; the cluster's Python must already have the dependencies.
-        env["working_dir"] = str(REPO_ROOT)
-        env["excludes"] = WORKING_DIR_EXCLUDES
+    if package is not None:
+        env["py_modules"] = [str(package)]
     return env
 
 
 def entrypoint(command: list[str], working_dir: bool) -> str:
-    """`enat …` when enat is installed on the cluster, `python -m cluster.cli …` when the
-    checkout travels as the working dir."""
+    """`enat …` when enat is installed on the cluster, `python -m enat.cluster.cli …` when
+    the checkout travels with the job."""
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         raise SystemExit("enat: error: nothing to submit; usage: enat submit -- <enat command …>")
     if command[0] == "enat":
         command = command[1:]
-    prefix = ["python", "-m", "cluster.cli"] if working_dir else ["enat"]
+    prefix = ["python", "-m", "enat.cluster.cli"] if working_dir else ["enat"]
     return shlex.join(prefix + command)
 
 
 def submit(args: argparse.Namespace, agent_wait: float = 90.0) -> int:
+    import tempfile
+
     jobs = client(args.address)
     deadline = time.monotonic() + agent_wait
-    while True:
-        try:
-            job_id = jobs.submit_job(
-                entrypoint=entrypoint(args.enat_command, args.working_dir),
-                runtime_env=runtime_env(args.working_dir, args.forward_credentials),
-                submission_id=args.job_id,
-            )
-            break
-        except RuntimeError as err:
-            # A head that just started answers 500 until its job agent is up.
-            if "No available agent" not in str(err) or time.monotonic() > deadline:
-                raise
-            time.sleep(2)
+    with tempfile.TemporaryDirectory(prefix="enat-submit-") as staging:
+        package = checkout_package(Path(staging)) if args.working_dir else None
+        while True:
+            try:
+                job_id = jobs.submit_job(  # uploads the package before it returns
+                    entrypoint=entrypoint(args.enat_command, args.working_dir),
+                    runtime_env=runtime_env(package, args.forward_credentials),
+                    submission_id=args.job_id,
+                )
+                break
+            except RuntimeError as err:
+                # A head that just started answers 500 until its job agent is up.
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
     print(job_id)
     if args.wait:
         return wait(args.address, job_id, follow_logs=True)
@@ -134,7 +149,8 @@ def _address(parser: argparse.ArgumentParser) -> None:
 def _submit_arguments(parser: argparse.ArgumentParser) -> None:
     _address(parser)
     parser.add_argument("--working-dir", action="store_true",
-                        help="upload this checkout as the job's working dir (else enat must be installed)")
+                        help="ship this checkout to the job as its enat package "
+                             "(else enat must be installed on the cluster)")
     parser.add_argument("--forward-credentials", action="store_true",
                         help="forward AWS_SHARED_CREDENTIALS_FILE/AWS_PROFILE (a file the nodes can read; "
                              "keys never travel)")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.command import Command
-from cluster.config import preset_path, read_yaml
-from models import VQGANConfig, build_config
-from models.typed_config import ConfigError
-from pipelines.storage import StorageError
-from trainer.tokenizer_train import TokenizerTrainConfig, TrainResult, check_model, train_tokenizer
+from enat.cluster.command import Command
+from enat.cluster.config import preset_path, read_yaml
+from enat.models import VQGANConfig, build_config
+from enat.models.typed_config import ConfigError
+from enat.pipelines.storage import StorageError
+from enat.trainer.tokenizer_train import TokenizerTrainConfig, TrainResult, check_model, train_tokenizer
 
 
 def resolve_model(config: TokenizerTrainConfig) -> VQGANConfig:

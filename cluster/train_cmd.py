@@ -12,7 +12,7 @@ cluster only the non-secret endpoint variables are forwarded (credentials must c
 the cluster's own environment, never from a command line).
 
 Without Ray:
-    torchrun --nproc_per_node=2 -m cluster.cli train --config tiny-enat-demo data.url=...
+    torchrun --nproc_per_node=2 -m enat.cluster.cli train --config tiny-enat-demo data.url=...
 runs the same loop in each torchrun process (detected by TORCHELASTIC_RUN_ID); a rerun of
 the same command resumes. `launch.launcher=process` runs it in this process only.
 """
@@ -26,13 +26,13 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from cluster.command import Command
-from cluster.config import CONFIG_DIR, merge, parse_overrides, preset_path, read_yaml
-from models.typed_config import ConfigError, check, from_dict, to_dict
+from enat.cluster.command import Command
+from enat.cluster.config import CONFIG_DIR, merge, parse_overrides, preset_path, read_yaml
+from enat.models.typed_config import ConfigError, check, from_dict, to_dict
 
 if TYPE_CHECKING:  # importing the loop pulls in torch: only when a job runs
-    from cluster.eval_watch import TrainEvalConfig
-    from trainer.loop import TrainConfig
+    from enat.cluster.eval_watch import TrainEvalConfig
+    from enat.trainer.loop import TrainConfig
 
 @dataclass
 class LaunchConfig:
@@ -67,8 +67,8 @@ def load_train_config(preset: str | None, overrides: list[str] | tuple[str, ...]
     """Preset YAML < key=value overrides, as (loop config, `launch:` section, `eval:`
     section). `model:` may name a model preset; `model.<key>=...` overrides then apply to
     that preset's values."""
-    from cluster.eval_watch import TrainEvalConfig
-    from trainer.loop import TrainConfig
+    from enat.cluster.eval_watch import TrainEvalConfig
+    from enat.trainer.loop import TrainConfig
 
     data = read_yaml(train_preset_path(preset)) if preset else {}
     update = parse_overrides(overrides)
@@ -88,10 +88,10 @@ def load_train_config(preset: str | None, overrides: list[str] | tuple[str, ...]
 def preflight(config: TrainConfig) -> None:
     """Fail before any worker starts: storage permission, manifest vs model, missing shards,
     the checkpoint named by resume=."""
-    from models import build_config
-    from pipelines import storage
-    from trainer import checkpoint
-    from trainer.data import open_dataset
+    from enat.models import build_config
+    from enat.pipelines import storage
+    from enat.trainer import checkpoint
+    from enat.trainer.data import open_dataset
 
     storage.check_writable(checkpoint.run_url(config.root, config.run))
     open_dataset(config.data, build_config(config.model))
@@ -109,7 +109,7 @@ def ray_storage(url: str) -> tuple[str, Any]:
         return path, None
     import pyarrow.fs
 
-    from pipelines import storage
+    from enat.pipelines import storage
 
     fs, path = storage.filesystem(url)
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
@@ -118,7 +118,7 @@ def ray_storage(url: str) -> tuple[str, Any]:
 def _ray_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
-    from trainer.loop import TrainConfig, train
+    from enat.trainer.loop import TrainConfig, train
 
     config = from_dict(TrainConfig, loop_config["config"])
 
@@ -136,9 +136,9 @@ def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.eval_watch import BackgroundWatch
-    from cluster.ray_session import cluster_has_gpus, start_ray
-    from trainer import checkpoint
+    from enat.cluster.eval_watch import BackgroundWatch
+    from enat.cluster.ray_session import cluster_has_gpus, start_ray
+    from enat.trainer import checkpoint
 
     watching = evals is not None and evals.watch
     wanted = launch.num_workers * launch.cpus_per_worker + (evals.num_cpus if watching else 0)
@@ -166,10 +166,10 @@ def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig
 
 
 def _run(_config: Any, args: argparse.Namespace) -> int:
-    from pipelines.shards import ManifestMismatch
-    from pipelines.storage import StorageError
-    from trainer import checkpoint
-    from trainer.loop import train
+    from enat.pipelines.shards import ManifestMismatch
+    from enat.pipelines.storage import StorageError
+    from enat.trainer import checkpoint
+    from enat.trainer.loop import train
 
     config, launch, evals = load_train_config(args.config, args.overrides)
     launcher = launch.launcher

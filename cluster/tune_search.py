@@ -19,10 +19,10 @@ from typing import Any
 from ray import tune
 from ray.tune.search import Searcher
 
-from cluster.ray_session import start_ray
-from evaluation.schedule_search import AutoNATSearch, Evaluation, from_vector
-from models.strategy import Strategy
-from pipelines import storage
+from enat.cluster.ray_session import start_ray
+from enat.evaluation.schedule_search import AutoNATSearch, Evaluation, from_vector
+from enat.models.strategy import Strategy
+from enat.pipelines import storage
 
 # A factory, called inside each trial's worker, returning strategy, seed -> FID.
 ObjectiveFactory = Callable[[], Callable[[Strategy, int], float]]

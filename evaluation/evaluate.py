@@ -22,15 +22,15 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor, nn
 
-from evaluation.features import class_consistency
-from evaluation.metrics import (
+from enat.evaluation.features import class_consistency
+from enat.evaluation.metrics import (
     ReferenceStats,
     extract_features,
     load_extractor,
     metrics_from_features,
     reference_stats,
 )
-from evaluation.sampling import (
+from enat.evaluation.sampling import (
     Conditions,
     GridCollector,
     iter_samples,
@@ -38,12 +38,12 @@ from evaluation.sampling import (
     make_conditions,
     png_bytes,
 )
-from evaluation.strategy_io import describe_strategy, load_strategy, save_strategy
-from models.flops import generation_flops
-from models.strategy import Strategy
-from models.typed_config import check
-from pipelines import storage
-from pipelines.model_io import CONFIG_NAME
+from enat.evaluation.strategy_io import describe_strategy, load_strategy, save_strategy
+from enat.models.flops import generation_flops
+from enat.models.strategy import Strategy
+from enat.models.typed_config import check
+from enat.pipelines import storage
+from enat.pipelines.model_io import CONFIG_NAME
 
 
 @dataclass

@@ -25,12 +25,12 @@ from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from tqdm import tqdm
 
-from evaluation.image_sets import ImageSet, ImageSetError, read_all
-from models.classifier import FEATURE_DIM, DomainNet, normalise_pixels
-from models.device import pick_device
-from models.typed_config import check
-from pipelines import model_io
-from pipelines.sources import SOURCE_KINDS
+from enat.evaluation.image_sets import ImageSet, ImageSetError, read_all
+from enat.models.classifier import FEATURE_DIM, DomainNet, normalise_pixels
+from enat.models.device import pick_device
+from enat.models.typed_config import check
+from enat.pipelines import model_io
+from enat.pipelines.sources import SOURCE_KINDS
 
 EXTRACTOR_NAME = "enat-domain"  # torch-fidelity registry name
 FEATURE_LAYER = str(FEATURE_DIM)

@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from pipelines import shards, storage
-from pipelines.images import RejectedInput, center_crop, decode_image, to_array
-from pipelines.sources import SOURCE_KINDS, plan_source, read_blobs
+from enat.pipelines import shards, storage
+from enat.pipelines.images import RejectedInput, center_crop, decode_image, to_array
+from enat.pipelines.sources import SOURCE_KINDS, plan_source, read_blobs
 
 TOKENS = "tokens"
 READ_CHUNK = 256  # inputs fetched per storage request group
@@ -161,7 +161,7 @@ class ImageSet:
                               else int(labels[i])) for i, image in enumerate(chw))
 
     def _tokens(self) -> Iterator[ImageBatch]:
-        from pipelines.pretokenize import load_tokenizer
+        from enat.pipelines.pretokenize import load_tokenizer
 
         manifest = shards.read_manifest(self.url)
         tokenizer_url = self.tokenizer_url or manifest.tokenizer_url

@@ -37,10 +37,10 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-from evaluation import features as domain
-from evaluation.image_sets import ImageSet
-from models.device import pick_device
-from pipelines import storage
+from enat.evaluation import features as domain
+from enat.evaluation.image_sets import ImageSet
+from enat.models.device import pick_device
+from enat.pipelines import storage
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -257,7 +257,7 @@ def compute_metrics(generated: Dataset | Iterable[Tensor], reference: str | Refe
 def real_floor(images: np.ndarray, extractor: Extractor, seed: int = 0, batch_size: int = 64) -> dict:
     """Metrics between two disjoint random halves of a real set: the best FID a generator
     can hope for at this sample count (FID is biased upwards at small N)."""
-    from evaluation.image_sets import ImageTensors
+    from enat.evaluation.image_sets import ImageTensors
 
     order = np.random.default_rng(seed).permutation(len(images))
     features = extract_features(extractor, ImageTensors(images[order]), batch_size)
@@ -281,7 +281,7 @@ class FidStatsConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        from models.typed_config import check
+        from enat.models.typed_config import check
 
         check(bool(self.images), "images", "an image set or token shards URL", self.images)
         check(self.out.endswith(".npz"), "out", "a path or URL ending in .npz", self.out)

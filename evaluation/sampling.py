@@ -32,12 +32,12 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from evaluation.image_sets import decode_to_uint8
-from models.device import bf16_supported, pick_device
-from models.generate import generate
-from models.strategy import Strategy
-from pipelines import shards, storage
-from pipelines.model_io import CONFIG_NAME, load_model
+from enat.evaluation.image_sets import decode_to_uint8
+from enat.models.device import bf16_supported, pick_device
+from enat.models.generate import generate
+from enat.models.strategy import Strategy
+from enat.pipelines import shards, storage
+from enat.pipelines.model_io import CONFIG_NAME, load_model
 
 EMA_DIR = "ema"
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -117,7 +117,7 @@ def find_tokenizer(ema_url: str) -> tuple[str, str | None]:
 
 def load_sampler(checkpoint: str, tokenizer: str = "", device: str = "auto", precision: str = "auto",
                  reuse: bool = True, text_encoder: str = "minilm") -> Sampler:
-    from pipelines.pretokenize import load_tokenizer
+    from enat.pipelines.pretokenize import load_tokenizer
 
     torch_device = pick_device(device)
     ema_url = resolve_checkpoint(checkpoint)
@@ -136,7 +136,7 @@ def load_sampler(checkpoint: str, tokenizer: str = "", device: str = "auto", pre
                             f"{loaded.config.codebook_size}: pass the tokenizer the model was trained with")
     encoder = None
     if loaded.config.text_conditioned:
-        from pipelines.text_encoder import TextEncoder, TextEncoderConfig
+        from enat.pipelines.text_encoder import TextEncoder, TextEncoderConfig
 
         encoder = TextEncoder(TextEncoderConfig(name=text_encoder, max_len=loaded.config.context_len),
                               device=str(torch_device))
@@ -311,7 +311,7 @@ class SampleConfig:
     reuse: bool = True  # ENAT's feature reuse across steps (False: the ablation)
 
     def __post_init__(self) -> None:
-        from models.typed_config import check
+        from enat.models.typed_config import check
 
         check(bool(self.checkpoint), "checkpoint", "a checkpoint folder or ema/ export URL", self.checkpoint)
         check(self.num_samples >= 1, "num_samples", ">= 1", self.num_samples)
@@ -334,7 +334,7 @@ def run_sample(config: SampleConfig, progress: bool = True) -> dict:
     import io
     import time
 
-    from evaluation.strategy_io import describe_strategy, load_strategy, save_strategy
+    from enat.evaluation.strategy_io import describe_strategy, load_strategy, save_strategy
 
     strategy = load_strategy(config.strategy, config.steps or None)
     sampler = load_sampler(config.checkpoint, config.tokenizer, config.device, config.precision,

@@ -35,8 +35,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from models.strategy import Strategy
-from models.typed_config import check
+from enat.models.strategy import Strategy
+from enat.models.typed_config import check
 
 
 @dataclass

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import yaml
 
-from models.strategy import Strategy
-from pipelines import storage
+from enat.models.strategy import Strategy
+from enat.pipelines import storage
 
 DEFAULT = "default"
 DEFAULT_STEPS = 8

@@ -17,8 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from models.typed_config import check
-from pipelines import storage
+from enat.models.typed_config import check
+from enat.pipelines import storage
 
 EVALS_DIR = "evals"
 RECORD = re.compile(r"step-(\d+)\.json")
@@ -78,7 +78,7 @@ def read_records(run_url: str) -> dict[int, dict[str, Any]]:
 
 def checkpoints_of(run_url: str) -> list[tuple[int, str, int]]:
     """(step, checkpoint URL, the run's final step) of every complete checkpoint, by step."""
-    from trainer import checkpoint
+    from enat.trainer import checkpoint
 
     root, _, run = run_url.rstrip("/").rpartition("/runs/")
     if not run:
@@ -103,8 +103,8 @@ def training_run_id(run_url: str) -> str | None:
 def evaluate_step(config: WatchConfig, step: int, checkpoint_url: str) -> dict[str, Any]:
     """Evaluate one checkpoint's EMA weights, log the metrics into the training run's MLflow
     run at `step`, then publish the record. Returns the record."""
-    from evaluation.evaluate import evaluate_checkpoint, evaluation_metrics
-    from pipelines.tracking import Tracker
+    from enat.evaluation.evaluate import evaluate_checkpoint, evaluation_metrics
+    from enat.pipelines.tracking import Tracker
 
     out = storage.join(evals_url(config.run), f"step-{step}")
     result = evaluate_checkpoint(storage.join(checkpoint_url, "ema"), "", config.strategy, config.num_samples,

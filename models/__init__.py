@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.config import (
+from enat.models.config import (
     ENATConfig,
     ModelConfig,
     NATConfig,
@@ -12,7 +12,7 @@ from models.config import (
     build_config,
     config_to_dict,
 )
-from models.convert import (
+from enat.models.convert import (
     CheckpointMismatch,
     config_from_reference,
     convert_enat,
@@ -20,10 +20,10 @@ from models.convert import (
     convert_vqgan,
     load_reference_checkpoint,
 )
-from models.enat import ENAT, ENATOutput, ReuseState
-from models.layers import Condition
-from models.uvit import UViT
-from models.vqgan import VQGAN
+from enat.models.enat import ENAT, ENATOutput, ReuseState
+from enat.models.layers import Condition
+from enat.models.uvit import UViT
+from enat.models.vqgan import VQGAN
 
 
 def build_model(config: ModelConfig) -> nn.Module:

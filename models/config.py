@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from models.typed_config import ConfigError, check, from_dict, to_dict
+from enat.models.typed_config import ConfigError, check, from_dict, to_dict
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.config import ENATConfig, NATConfig, VQGANConfig
-from models.enat import ENAT
-from models.uvit import UViT
-from models.vqgan import VQGAN
+from enat.models.config import ENATConfig, NATConfig, VQGANConfig
+from enat.models.enat import ENAT
+from enat.models.uvit import UViT
+from enat.models.vqgan import VQGAN
 
 StateDict = Mapping[str, Tensor]
 Rule = tuple[str, str | Callable[[re.Match], str]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.typed_config import ConfigError
+from enat.models.typed_config import ConfigError
 
 
 def pick_device(choice: str) -> torch.device:

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.config import ENATConfig
-from models.layers import (
+from enat.models.config import ENATConfig
+from enat.models.layers import (
     MLP,
     Attention,
     Condition,

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.generate import generate
-from models.layers import Condition
-from models.strategy import Strategy
+from enat.models.generate import generate
+from enat.models.layers import Condition
+from enat.models.strategy import Strategy
 
 
 def example_condition(config, batch: int = 1) -> Condition:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.enat import ENAT
-from models.layers import Condition
-from models.strategy import Strategy
+from enat.models.enat import ENAT
+from enat.models.layers import Condition
+from enat.models.strategy import Strategy
 
 
 def null_condition(cond: Condition, null_class: int) -> Condition:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.typed_config import check
+from enat.models.typed_config import check
 
 
 @dataclass

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.config import NATConfig
-from models.layers import (
+from enat.models.config import NATConfig
+from enat.models.layers import (
     MLP,
     Attention,
     Condition,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from models.config import VQGANConfig
+from enat.models.config import VQGANConfig
 
 
 def _group_norm(channels: int, groups: int) -> nn.GroupNorm:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from models.typed_config import check
+from enat.models.typed_config import check
 
 COMPLETE_MARKER = ".complete"
 FORMAT_VERSION = 1

@@ -21,10 +21,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from models import build_config, build_model, config_to_dict
-from models.classifier import DomainNet
-from models.config import ModelConfig
-from pipelines import storage
+from enat.models import build_config, build_model, config_to_dict
+from enat.models.classifier import DomainNet
+from enat.models.config import ModelConfig
+from enat.pipelines import storage
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 import yaml
 
-from models import VQGANConfig, build_config, load_reference_checkpoint
-from models.typed_config import ConfigError, check
-from pipelines import shards, storage
-from pipelines.images import (
+from enat.models import VQGANConfig, build_config, load_reference_checkpoint
+from enat.models.typed_config import ConfigError, check
+from enat.pipelines import shards, storage
+from enat.pipelines.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
     RejectedInput,
@@ -46,10 +46,10 @@ from pipelines.images import (
     decode_image,
     to_array,
 )
-from pipelines.model_io import LoadedModel, load_model
-from pipelines.shards import Manifest, TokenSample
-from pipelines.sources import Blob, InputItem, Plan, check_source, plan_source, read_blobs
-from pipelines.text_encoder import NONE, TextEncoder, TextEncoderConfig, describe
+from enat.pipelines.model_io import LoadedModel, load_model
+from enat.pipelines.shards import Manifest, TokenSample
+from enat.pipelines.sources import Blob, InputItem, Plan, check_source, plan_source, read_blobs
+from enat.pipelines.text_encoder import NONE, TextEncoder, TextEncoderConfig, describe
 
 PARTS_DIR = "_parts"
 REFERENCE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import storage
+from enat.pipelines import storage
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1

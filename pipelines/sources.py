@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from fsspec.core import strip_protocol
 
-from pipelines import storage
+from enat.pipelines import storage
 
 SOURCE_KINDS = ("imagenet", "cc3m", "folder")
 CAPTION_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from models.typed_config import check
+from enat.models.typed_config import check
 
 MINILM = "minilm"
 NONE = "none"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.services import S3Endpoint, SeaweedFS
+from enat.cluster.services import S3Endpoint, SeaweedFS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def secret_nowhere():
     """A check: the secret's bytes are in no file of the Ray sessions started during the
     test (their logs), of the given folders (MLflow stores, outputs) and in no object
     under `bucket`."""
-    from pipelines import storage
+    from enat.pipelines import storage
 
     before = _ray_sessions()
 
@@ -78,7 +78,7 @@ def s3_bucket(s3_env) -> str:
     """A fresh bucket on the fixture server, as an s3:// URL."""
     import uuid
 
-    from pipelines import storage
+    from enat.pipelines import storage
 
     url = f"s3://test-{uuid.uuid4().hex[:10]}"
     storage.ensure_bucket(url)
@@ -90,8 +90,8 @@ def s3_bucket(s3_env) -> str:
 def small_extractor(tmp_path_factory) -> str:
     """`enat eval train-features` on 200 demo images, one epoch: a real registered domain
     extractor, quick to train (its accuracy does not matter to the tests using it)."""
-    from cluster.cli import main
-    from pipelines.demo_data import DemoDataConfig, make_demo_data
+    from enat.cluster.cli import main
+    from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
 
     root = tmp_path_factory.mktemp("features")
     make_demo_data(DemoDataConfig(out=str(root / "data"), limit=200))

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.evaluate import class_targets, sample_targets
-from evaluation.features import (
+from enat.evaluation.evaluate import class_targets, sample_targets
+from enat.evaluation.features import (
     FeatureTrainConfig,
     class_consistency,
     stratified_split,
     train_domain_extractor,
 )
-from evaluation.image_sets import ImageSet, ImageTensors, read_all
-from evaluation.metrics import extract_features, load_extractor
-from evaluation.sampling import Conditions, read_captions
-from pipelines.demo_data import DemoDataConfig, make_demo_data
+from enat.evaluation.image_sets import ImageSet, ImageTensors, read_all
+from enat.evaluation.metrics import extract_features, load_extractor
+from enat.evaluation.sampling import Conditions, read_captions
+from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
 
 pytestmark = pytest.mark.slow
 

@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.cli import all_commands, command_config, parse, with_default_subcommand
-from cluster.submit import WORKING_DIR_EXCLUDES
-from cluster.train_cmd import load_train_config
-from models.typed_config import ConfigError
+from enat.cluster.cli import all_commands, command_config, parse, with_default_subcommand
+from enat.cluster.train_cmd import load_train_config
+from enat.models.typed_config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "configs" / "cluster"
@@ -28,6 +27,9 @@ RAY_CLUSTER = CLUSTER / "ray-cluster-gpu.yaml"
 RAYJOB = CLUSTER / "kuberay-rayjob.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
 ENAT_L_PRESET = ROOT / "configs" / "train" / "enat-l-imagenet256.yaml"
+# What never belongs in an upload of the checkout: environments, state, outputs.
+NEVER_UPLOADED = [".venv", ".enat", ".git", "demo-out", "**/__pycache__", "*.egg-info", ".pytest_cache",
+                  ".ruff_cache", "bench/results"]
 CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 # What the pods need from the Secret: storage keys and where storage and MLflow are.
@@ -48,7 +50,7 @@ def documents(path: Path) -> list[Any]:
 # -- enat commands -------------------------------------------------------------------------
 
 def parse_enat(argv: list[str]) -> tuple[list[str], argparse.Namespace]:
-    """(command words, arguments) as `enat` parses argv (cluster.cli.parse)."""
+    """(command words, arguments) as `enat` parses argv (enat.cluster.cli.parse)."""
     assert argv[:1] == ["enat"], f"not an enat command: {shlex.join(argv)}"
     groups, _, defaults = all_commands()
     words = with_default_subcommand(argv[1:], groups, defaults)
@@ -177,7 +179,7 @@ def test_ray_cluster_installs_this_checkout_with_the_pins():
     assert "." in config["file_mounts"].values(), "the checkout is not uploaded"
     installs = [c for c in config["setup_commands"] if re.search(r"\bpip install\b", c)]
     assert any(re.search(r"-c \S*constraints\.txt", c) and " -e " in c for c in installs), installs
-    missing = set(WORKING_DIR_EXCLUDES) - set(config.get("rsync_exclude", []))
+    missing = set(NEVER_UPLOADED) - set(config.get("rsync_exclude", []))
     assert not missing, f"rsync would upload {sorted(missing)}"
 
 

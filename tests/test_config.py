@@ -9,8 +9,8 @@ from typing import Literal
 
 import pytest
 
-from cluster.config import load_config, parse_overrides
-from models.typed_config import ConfigError, check, from_dict, to_dict
+from enat.cluster.config import load_config, parse_overrides
+from enat.models.typed_config import ConfigError, check, from_dict, to_dict
 
 
 @dataclass
@@ -69,7 +69,7 @@ def test_preset_file_and_unknown_preset(tmp_path):
 
 def test_cli_exits_2_naming_the_bad_key(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "data", "demo", "--out", str(tmp_path / "x"), "bogus=1"],
+        [sys.executable, "-m", "enat.cluster.cli", "data", "demo", "--out", str(tmp_path / "x"), "bogus=1"],
         capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -78,7 +78,7 @@ def test_cli_exits_2_naming_the_bad_key(tmp_path):
 
 
 def test_cli_help_lists_every_command_with_one_line():
-    result = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"],
+    result = subprocess.run([sys.executable, "-m", "enat.cluster.cli", "--help"],
                             capture_output=True, text=True)
     assert result.returncode == 0
     for command in ("demo", "services", "data"):
@@ -86,7 +86,7 @@ def test_cli_help_lists_every_command_with_one_line():
 
 
 def test_eval_group_takes_a_checkpoint_directly():
-    from cluster.cli import all_commands, with_default_subcommand
+    from enat.cluster.cli import all_commands, with_default_subcommand
 
     groups, _, defaults = all_commands()
     assert with_default_subcommand(["eval", "s3://b/ck", "x=1"], groups, defaults) == [

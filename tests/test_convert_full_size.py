@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from models import (
+from enat.models import (
     CheckpointMismatch,
     build_config,
     build_model,
@@ -21,7 +21,7 @@ from models import (
     convert_uvit,
     convert_vqgan,
 )
-from models.convert import ENAT_DEAD_KEYS
+from enat.models.convert import ENAT_DEAD_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("ENAT_REFERENCE_FIXTURES", REPO.parent / "shared" / "fixtures" / "reference"))

@@ -11,12 +11,12 @@ import math
 import numpy as np
 import pytest
 
-from cluster.cli import command_config, parse
-from cluster.demo import DemoConfig, DemoError, DemoPaths, Stage, run_stage, stages
-from cluster.demo_summary import collect, render
-from cluster.train_cmd import load_train_config
-from pipelines import storage
-from pipelines.shards import Manifest, TokenSample, write_manifest, write_shard
+from enat.cluster.cli import command_config, parse
+from enat.cluster.demo import DemoConfig, DemoError, DemoPaths, Stage, run_stage, stages
+from enat.cluster.demo_summary import collect, render
+from enat.cluster.train_cmd import load_train_config
+from enat.pipelines import storage
+from enat.pipelines.shards import Manifest, TokenSample, write_manifest, write_shard
 
 
 def test_every_stage_command_is_valid_for_the_cli(tmp_path):
@@ -91,7 +91,7 @@ def test_summary_reads_the_stage_outputs(tmp_path):
 
 
 def test_a_stage_beside_the_next_runs_in_the_background_and_its_failure_names_its_log(tmp_path, capsys):
-    from cluster.demo import run_beside
+    from enat.cluster.demo import run_beside
 
     broken = Stage("broken", lambda: False, ["data", "demo", "bogus=1"], beside_next=True)
     with pytest.raises(DemoError, match=r"stage 'broken' failed \(exit 2\) \(its output: .*data-demo.log\)"):
@@ -102,7 +102,7 @@ def test_a_stage_beside_the_next_runs_in_the_background_and_its_failure_names_it
 
 
 def test_a_rerun_with_nothing_to_do_keeps_the_times_of_the_run_that_made_the_outputs(tmp_path):
-    from cluster.demo import previous_timings
+    from enat.cluster.demo import previous_timings
 
     config = DemoConfig(work_dir=str(tmp_path))
     assert previous_timings(config) is None  # no summary yet: this run's times count

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from pipelines.demo_data import DemoDataConfig, list_emoji, make_demo_data
+from enat.pipelines.demo_data import DemoDataConfig, list_emoji, make_demo_data
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -13,14 +13,14 @@ import json
 import pytest
 import torch
 
-from cluster.cli import main
-from evaluation.watch import checkpoints_of, read_records
-from models import VQGANConfig, build_model
-from pipelines import storage
-from pipelines.model_io import load_model, save_model
-from pipelines.shards import read_manifest, write_manifest
-from trainer import checkpoint
-from trainer.synthetic import SyntheticSpec, write_synthetic_shards
+from enat.cluster.cli import main
+from enat.evaluation.watch import checkpoints_of, read_records
+from enat.models import VQGANConfig, build_model
+from enat.pipelines import storage
+from enat.pipelines.model_io import load_model, save_model
+from enat.pipelines.shards import read_manifest, write_manifest
+from enat.trainer import checkpoint
+from enat.trainer.synthetic import SyntheticSpec, write_synthetic_shards
 
 RUN = "watched"
 TOKENIZER = VQGANConfig(codebook_size=32, code_dim=8, base_channels=32, channel_mult=(1, 1, 1), image_size=32)

@@ -19,18 +19,18 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.evaluate import evaluate_checkpoint
-from evaluation.features import FeatureTrainConfig, train_domain_extractor
-from evaluation.image_sets import ImageSet, read_all
-from evaluation.metrics import load_extractor, real_floor
-from models import ENATConfig, VQGANConfig, build_model
-from models.masking import MaskingConfig, mask_tokens, masked_token_loss, previous_step_input
-from models.strategy import Strategy
-from pipelines import storage
-from pipelines.demo_data import DemoDataConfig, make_demo_data
-from pipelines.model_io import load_model, save_model
-from pipelines.pretokenize import encode_images
-from pipelines.shards import Manifest, TokenSample, shard_name, write_manifest, write_shard
+from enat.evaluation.evaluate import evaluate_checkpoint
+from enat.evaluation.features import FeatureTrainConfig, train_domain_extractor
+from enat.evaluation.image_sets import ImageSet, read_all
+from enat.evaluation.metrics import load_extractor, real_floor
+from enat.models import ENATConfig, VQGANConfig, build_model
+from enat.models.masking import MaskingConfig, mask_tokens, masked_token_loss, previous_step_input
+from enat.models.strategy import Strategy
+from enat.pipelines import storage
+from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
+from enat.pipelines.model_io import load_model, save_model
+from enat.pipelines.pretokenize import encode_images
+from enat.pipelines.shards import Manifest, TokenSample, shard_name, write_manifest, write_shard
 
 pytestmark = [pytest.mark.slow]
 
@@ -88,7 +88,7 @@ def train_tiny_enat(model: torch.nn.Module, ids: np.ndarray, labels: np.ndarray,
 def fit_tokenizer(tree: str, root: str) -> str:
     """A quickly fitted tiny tokenizer (blurry, but its images carry the emoji's colours and
     layout); returns its export URL."""
-    from trainer.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+    from enat.trainer.tokenizer_train import TokenizerTrainConfig, train_tokenizer
 
     config = TokenizerTrainConfig(source=f"{tree}/train", root=root, steps=TOKENIZER_STEPS, batch_size=16,
                                   warmup_steps=10, eval_every=TOKENIZER_STEPS, log_every=TOKENIZER_STEPS,

@@ -14,9 +14,9 @@ import torch_fidelity
 from PIL import Image
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from evaluation.features import EXTRACTOR_NAME, FeatureTrainConfig, train_domain_extractor
-from evaluation.image_sets import ImageSet, ImageTensors, read_all
-from evaluation.metrics import (
+from enat.evaluation.features import EXTRACTOR_NAME, FeatureTrainConfig, train_domain_extractor
+from enat.evaluation.image_sets import ImageSet, ImageTensors, read_all
+from enat.evaluation.metrics import (
     ExtractorMismatch,
     FidStatsConfig,
     MissingWeights,
@@ -29,8 +29,8 @@ from evaluation.metrics import (
     real_floor,
     reference_stats,
 )
-from pipelines.demo_data import DemoDataConfig, make_demo_data
-from pipelines.model_io import CLASSIFIER_WEIGHTS
+from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
+from enat.pipelines.model_io import CLASSIFIER_WEIGHTS
 
 pytestmark = pytest.mark.slow
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster.cli import main
-from evaluation.sampling import SamplingError, class_balanced_labels, load_sampler
-from evaluation.strategy_io import StrategyError, load_strategy, save_strategy
-from models import ENATConfig, VQGANConfig, build_model
-from models.strategy import Strategy
-from pipelines import storage
-from pipelines.model_io import load_model, save_model
-from pipelines.shards import Manifest, TokenSample, shard_name, write_manifest, write_shard
+from enat.cluster.cli import main
+from enat.evaluation.sampling import SamplingError, class_balanced_labels, load_sampler
+from enat.evaluation.strategy_io import StrategyError, load_strategy, save_strategy
+from enat.models import ENATConfig, VQGANConfig, build_model
+from enat.models.strategy import Strategy
+from enat.pipelines import storage
+from enat.pipelines.model_io import load_model, save_model
+from enat.pipelines.shards import Manifest, TokenSample, shard_name, write_manifest, write_shard
 
 TOKENIZER = VQGANConfig(codebook_size=32, code_dim=8, base_channels=32, channel_mult=(1, 1, 1), image_size=32)
 MODEL = ENATConfig(codebook_size=32, grid_size=8, width=32, heads=2, num_classes=3, encoder_depth=1,

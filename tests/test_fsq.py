@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from models import VQGAN, build_config
-from models.typed_config import ConfigError
-from models.vqgan import FSQuantizer
-from trainer.token_predictability import ProbeConfig, measure, unigram_entropy
+from enat.models import VQGAN, build_config
+from enat.models.typed_config import ConfigError
+from enat.models.vqgan import FSQuantizer
+from enat.trainer.token_predictability import ProbeConfig, measure, unigram_entropy
 
 
 def fsq_config(levels=(4, 4, 4, 4), **extra):
@@ -103,12 +103,12 @@ def test_fsq_tokenizer_round_trips_through_pretokenize_train_and_sample(tmp_path
     import numpy as np
     from test_evaluation_acceptance import model_config, pretokenize, train_tiny_enat
 
-    from evaluation.sampling import SampleConfig, run_sample
-    from models import build_model
-    from pipelines.demo_data import DemoDataConfig, make_demo_data
-    from pipelines.model_io import load_model, save_model
-    from pipelines.shards import read_manifest, read_shard
-    from trainer.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+    from enat.evaluation.sampling import SampleConfig, run_sample
+    from enat.models import build_model
+    from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
+    from enat.pipelines.model_io import load_model, save_model
+    from enat.pipelines.shards import read_manifest, read_shard
+    from enat.trainer.tokenizer_train import TokenizerTrainConfig, train_tokenizer
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 
-from models import ENATConfig, NATConfig, build_model
-from models.generate import generate
-from models.masking import (
+from enat.models import ENATConfig, NATConfig, build_model
+from enat.models.generate import generate
+from enat.models.masking import (
     MaskingConfig,
     mask_tokens,
     masked_token_loss,
     previous_step_input,
     sample_beta,
 )
-from models.strategy import Strategy
+from enat.models.strategy import Strategy
 
 TINY = dict(codebook_size=32, grid_size=4, width=32, heads=2, num_classes=3)
 
@@ -138,7 +138,7 @@ def test_same_seed_same_images(kind):
 
 
 def test_enat_reuse_encodes_only_new_tokens_and_is_cheaper():
-    from models.flops import generation_flops
+    from enat.models.flops import generation_flops
 
     model = tiny("enat")
     strategy = Strategy.default(8)
@@ -151,8 +151,8 @@ def test_enat_reuse_encodes_only_new_tokens_and_is_cheaper():
 
 
 def test_flops_include_the_decoder_when_given():
-    from models import VQGANConfig
-    from models.flops import generation_flops
+    from enat.models import VQGANConfig
+    from enat.models.flops import generation_flops
 
     model = tiny("enat")
     decoder = build_model(VQGANConfig(codebook_size=32, code_dim=8, channel_mult=(1, 2, 1),
@@ -168,8 +168,8 @@ def test_enat_s_reuse_counts_at_most_0_6_of_the_flops_without_reuse():
 
     import yaml
 
-    from models import build_config
-    from models.flops import generation_flops
+    from enat.models import build_config
+    from enat.models.flops import generation_flops
 
     preset = Path(__file__).resolve().parents[1] / "configs" / "models" / "enat-s.yaml"
     model = build_model(build_config(yaml.safe_load(preset.read_text()))).eval()

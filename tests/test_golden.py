@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models import ENATOutput, ReuseState, config_from_reference, load_reference_checkpoint
+from enat.models import ENATOutput, ReuseState, config_from_reference, load_reference_checkpoint
 
 pytestmark = pytest.mark.golden
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import ENAT, VQGAN, ENATConfig, NATConfig, VQGANConfig, build_model
+from enat.models import ENAT, VQGAN, ENATConfig, NATConfig, VQGANConfig, build_model
 
 SMALL = dict(codebook_size=32, grid_size=4, width=64, heads=4, num_classes=10, embed_dropout=0.0)
 TEXT = dict(SMALL, context_dim=24, context_len=6)

@@ -26,14 +26,14 @@ import torch
 import yaml
 from PIL import Image
 
-from cluster.cli import main as cli_main
-from cluster.pretokenize_cmd import inspect_output, reason_kind, run_pretokenize, run_shards
-from models import build_config, build_model
-from pipelines import storage
-from pipelines.demo_data import list_emoji, write_cc3m_tars, write_imagenet_tree
-from pipelines.images import center_crop, decode_image, to_array
-from pipelines.model_io import load_model, save_model
-from pipelines.pretokenize import (
+from enat.cluster.cli import main as cli_main
+from enat.cluster.pretokenize_cmd import inspect_output, reason_kind, run_pretokenize, run_shards
+from enat.models import build_config, build_model
+from enat.pipelines import storage
+from enat.pipelines.demo_data import list_emoji, write_cc3m_tars, write_imagenet_tree
+from enat.pipelines.images import center_crop, decode_image, to_array
+from enat.pipelines.model_io import load_model, save_model
+from enat.pipelines.pretokenize import (
     PretokenizeConfig,
     PretokenizeError,
     ShardTask,
@@ -41,10 +41,10 @@ from pipelines.pretokenize import (
     prepare,
     process_shard,
 )
-from pipelines.shards import read_manifest, read_shard
-from pipelines.sources import SourceError, plan_source
-from pipelines.storage import StorageError
-from pipelines.text_encoder import TextEncoderConfig
+from enat.pipelines.shards import read_manifest, read_shard
+from enat.pipelines.sources import SourceError, plan_source
+from enat.pipelines.storage import StorageError
+from enat.pipelines.text_encoder import TextEncoderConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_TOKENIZER = REPO_ROOT / "configs" / "models" / "tiny-tokenizer.yaml"
@@ -222,7 +222,7 @@ def test_cc3m_tars_on_s3_with_caption_embeddings(ray_local, s3_bucket, tokenizer
         with tarfile.open(tar_path) as tar:
             members.update({f"{tar_path.name}::{m.name}": tar.extractfile(m).read() for m in tar})
     model = load_model(tokenizer_dir).model
-    from pipelines.text_encoder import TextEncoder
+    from enat.pipelines.text_encoder import TextEncoder
 
     encoder = TextEncoder(TextEncoderConfig(max_len=16))
     samples = shards_of(manifest, out)
@@ -368,7 +368,8 @@ def test_driver_sigkill_then_rerun_equals_clean_run(ray_local, s3_bucket, s3_mod
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must fit
     env = {**os.environ, **s3_module_env.env(), "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "cluster.cli", "pretokenize", f"source={source}", f"out={resumed_out}",
+    command = [sys.executable, "-m", "enat.cluster.cli", "pretokenize", f"source={source}",
+               f"out={resumed_out}",
                *[f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()],
                "workers=1", "track=false", "--no-progress"]
     records = storage.join(resumed_out, "_parts", "train")
@@ -501,8 +502,8 @@ def test_released_maskgit_checkpoint_loads_through_the_converter(tmp_path):
         pytest.skip("reference fixtures not present")
     from safetensors.torch import load_file
 
-    from models import config_from_reference, config_to_dict
-    from pipelines.pretokenize import load_tokenizer
+    from enat.models import config_from_reference, config_to_dict
+    from enat.pipelines.pretokenize import load_tokenizer
 
     reference = json.loads((fixtures / "config.json").read_text())
     preset = tmp_path / "vqgan.yaml"
@@ -518,7 +519,7 @@ def test_released_maskgit_checkpoint_loads_through_the_converter(tmp_path):
 
 
 def test_clip_text_encoder_without_local_weights_says_what_is_needed(tmp_path):
-    from pipelines.text_encoder import TextEncoderUnavailable, describe
+    from enat.pipelines.text_encoder import TextEncoderUnavailable, describe
 
     with pytest.raises(TextEncoderUnavailable, match="needs a local Hugging Face CLIP folder"):
         describe(TextEncoderConfig(name=f"clip:{tmp_path / 'clip-vit-large-patch14'}"))

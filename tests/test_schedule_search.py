@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from evaluation.schedule_search import (
+from enat.evaluation.schedule_search import (
     AutoNATSearch,
     SearchHyperparameters,
     from_vector,
     to_vector,
 )
-from models.strategy import Strategy
+from enat.models.strategy import Strategy
 
 
 def quadratic(target: list[float]):

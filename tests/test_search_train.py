@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from cluster.cli import main
-from cluster.search_train import TrainSearchConfig, trial_config
-from pipelines import storage
-from trainer.synthetic import SyntheticSpec, write_synthetic_shards
+from enat.cluster.cli import main
+from enat.cluster.search_train import TrainSearchConfig, trial_config
+from enat.pipelines import storage
+from enat.trainer.synthetic import SyntheticSpec, write_synthetic_shards
 
 MODEL = ["model.codebook_size=64", "model.grid_size=4", "model.width=32", "model.heads=2",
          "model.encoder_depth=1", "model.decoder_depth=1", "model.num_classes=5"]

@@ -10,11 +10,11 @@ import sys
 import psutil
 import pytest
 
-from cluster.services import pid_alive
+from enat.cluster.services import pid_alive
 
 
 def enat(state, *args):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", "--state-dir", str(state), *args],
+    return subprocess.run([sys.executable, "-m", "enat.cluster.cli", "--state-dir", str(state), *args],
                           capture_output=True, text=True, timeout=180)
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipelines import storage
-from pipelines.shards import (
+from enat.pipelines import storage
+from enat.pipelines.shards import (
     Manifest,
     ManifestMismatch,
     TokenSample,
@@ -21,7 +21,7 @@ from pipelines.shards import (
     write_manifest,
     write_shard,
 )
-from pipelines.tracking import Tracker, flatten
+from enat.pipelines.tracking import Tracker, flatten
 
 
 def sample(i: int, text: bool = False) -> TokenSample:

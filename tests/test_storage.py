@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pipelines import storage
+from enat.pipelines import storage
 
 
 def test_write_read_list_on_s3(s3_bucket):
@@ -53,7 +53,7 @@ def test_failure_inside_atomic_write_leaves_no_object(where, s3_bucket, tmp_path
 
 CRASHING_WRITER = """
 import os, sys
-from pipelines import storage
+from enat.pipelines import storage
 with storage.atomic_write(sys.argv[1]) as handle:
     handle.write(b"x" * 100_000)
     handle.flush()
@@ -116,7 +116,7 @@ def test_a_pickled_filesystem_carries_the_endpoint_but_no_credentials(s3_env, s3
 
 def test_keys_in_the_environment_move_to_a_private_file_before_ray_starts(s3_keys_in_env, s3_bucket,
                                                                          monkeypatch):
-    from cluster.ray_session import hide_credential_keys
+    from enat.cluster.ray_session import hide_credential_keys
 
     for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE"):
         monkeypatch.setenv(name, "")  # restored after the test

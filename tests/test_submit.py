@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.services import free_port, pid_alive
-from cluster.submit import entrypoint, job_environment
-from models import VQGANConfig, build_model
-from pipelines.demo_data import DemoDataConfig, make_demo_data
-from pipelines.model_io import save_model
+from enat.cluster.services import free_port, pid_alive
+from enat.cluster.submit import checkout_package, entrypoint, job_environment
+from enat.models import VQGANConfig, build_model
+from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
+from enat.pipelines.model_io import save_model
 
 BIN = Path(sys.executable).parent
 
@@ -68,7 +68,7 @@ def ray_head(tmp_path_factory):
 
 
 def enat(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "enat.cluster.cli", *args], capture_output=True,
                           text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
@@ -82,7 +82,7 @@ def test_entrypoint_and_environment_never_carry_secrets(monkeypatch):
     monkeypatch.setenv("AWS_PROFILE", "team")
     command = ["--", "enat", "data", "demo", "limit=3"]
     assert entrypoint(command, working_dir=False) == "enat data demo limit=3"
-    assert entrypoint(["train", "x=1"], working_dir=True) == "python -m cluster.cli train x=1"
+    assert entrypoint(["train", "x=1"], working_dir=True) == "python -m enat.cluster.cli train x=1"
     assert job_environment(False) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:1"}
     # Forwarding credentials forwards where they are, never keys; without a file, it refuses.
     with pytest.raises(SystemExit, match="never keys"):
@@ -90,6 +90,17 @@ def test_entrypoint_and_environment_never_carry_secrets(monkeypatch):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/shared/aws-credentials")
     assert job_environment(True) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_PROFILE": "team",
                                      "AWS_SHARED_CREDENTIALS_FILE": "/shared/aws-credentials"}
+
+
+def test_checkout_ships_as_the_enat_package(tmp_path):
+    package = checkout_package(tmp_path)
+    assert (package / "configs" / "train" / "tiny-enat-demo.yaml").exists()
+    assert not list(package.rglob("__pycache__"))
+    # Without site-packages (so without the editable install), the shipped copy is what imports.
+    probe = "import enat.cluster.command as c; print(c.__file__)"
+    found = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True,
+                           env={"PYTHONPATH": str(tmp_path)}, check=True)
+    assert Path(found.stdout.strip()) == package / "cluster" / "command.py"
 
 
 @pytest.mark.integration
@@ -121,5 +132,6 @@ def test_submit_poll_logs_and_list(ray_head, tmp_path):
     assert manifest["totals"]["written"] == 12 and len(manifest["splits"]["train"]) == 3
     listed = enat("jobs", "list", "--address", ray_head).stdout
     assert job_id in listed and "SUCCEEDED" in listed
-    failing = enat("submit", "--address", ray_head, "--wait", "--", "data", "demo", "bogus=1")
+    failing = enat("submit", "--address", ray_head, "--working-dir", "--wait", "--",
+                   "data", "demo", "bogus=1")
     assert failing.returncode == 1 and "unknown key 'bogus'" in failing.stdout

@@ -14,17 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster.cli import main as cli_main
-from cluster.tokenizer_cmd import resolve_model
-from models.classifier import DomainNet, FeatureDistance
-from models.typed_config import ConfigError
-from pipelines import storage
-from pipelines.demo_data import DemoDataConfig, make_demo_data
-from pipelines.model_io import load_model, save_classifier
-from trainer import checkpoint
-from trainer.image_data import held_out_score, load_image_set
-from trainer.tokenizer_quality import codebook_stats, psnr
-from trainer.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+from enat.cluster.cli import main as cli_main
+from enat.cluster.tokenizer_cmd import resolve_model
+from enat.models.classifier import DomainNet, FeatureDistance
+from enat.models.typed_config import ConfigError
+from enat.pipelines import storage
+from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
+from enat.pipelines.model_io import load_model, save_classifier
+from enat.trainer import checkpoint
+from enat.trainer.image_data import held_out_score, load_image_set
+from enat.trainer.tokenizer_quality import codebook_stats, psnr
+from enat.trainer.tokenizer_train import TokenizerTrainConfig, train_tokenizer
 
 # A few steps of batch 4 keep each run at a few seconds on 2 cores.
 FAST = dict(steps=6, batch_size=4, warmup_steps=2, log_every=2, eval_every=2, checkpoint_every=2,
@@ -302,7 +302,7 @@ def test_demo_configuration_quality(tmp_path, mlflow_db) -> None:
     (pixel losses alone: 21.33 dB, but reconstruction FID 5.60 instead of 2.35; see
     configs/models/tiny-tokenizer.yaml), so the bounds are 20.3 dB, >= 90% usage and a
     perplexity of at least half the codebook."""
-    from evaluation.features import FeatureTrainConfig, train_domain_extractor
+    from enat.evaluation.features import FeatureTrainConfig, train_domain_extractor
 
     data = make_demo_data(DemoDataConfig(out=str(tmp_path / "demo")), progress=False)
     perceptual = str(tmp_path / "perceptual")

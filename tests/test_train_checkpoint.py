@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from pipelines import storage
-from trainer import checkpoint
-from trainer.checkpoint import CheckpointError
+from enat.pipelines import storage
+from enat.trainer import checkpoint
+from enat.trainer.checkpoint import CheckpointError
 
 
 def fake_checkpoint(root: str, run: str, step: int, complete: bool = True) -> str:

@@ -9,10 +9,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from models.config import ENATConfig
-from pipelines import storage
-from pipelines.shards import ManifestMismatch, read_manifest, write_manifest
-from trainer.data import (
+from enat.models.config import ENATConfig
+from enat.pipelines import storage
+from enat.pipelines.shards import ManifestMismatch, read_manifest, write_manifest
+from enat.trainer.data import (
     DataConfig,
     MissingShards,
     Reader,
@@ -21,7 +21,7 @@ from trainer.data import (
     TokenStream,
     open_dataset,
 )
-from trainer.synthetic import SyntheticSpec, write_synthetic_shards
+from enat.trainer.synthetic import SyntheticSpec, write_synthetic_shards
 
 MODEL = ENATConfig(codebook_size=64, grid_size=4, width=32, heads=2, encoder_depth=1, decoder_depth=1,
                    num_classes=5)
@@ -45,7 +45,7 @@ def keys_of(stream: TokenStream, batches: int) -> list[str]:
 
 
 def original_grids(spec: SyntheticSpec) -> tuple[set[bytes], set[bytes]]:
-    from trainer.synthetic import make_samples
+    from enat.trainer.synthetic import make_samples
 
     samples = make_samples(spec)
     plain = {s.tokens.astype(np.uint16).reshape(-1).tobytes() for s in samples}
@@ -176,7 +176,7 @@ def test_corrupt_shards_and_samples_are_skipped_and_counted(where, tmp_path, s3_
 
 
 def test_corrupt_sample_is_skipped(tmp_path, capsys):
-    from pipelines.shards import TokenSample, write_shard
+    from enat.pipelines.shards import TokenSample, write_shard
 
     url = str(tmp_path / "data")
     manifest = write_synthetic_shards(url, replace(SPEC, samples=32))

@@ -16,12 +16,12 @@ import pytest
 import torch
 import yaml
 
-from cluster.cli import main
-from models import build_config, build_model
-from pipelines import storage
-from pipelines.model_io import load_model
-from trainer import checkpoint
-from trainer.synthetic import SyntheticSpec, write_synthetic_shards
+from enat.cluster.cli import main
+from enat.models import build_config, build_model
+from enat.pipelines import storage
+from enat.pipelines.model_io import load_model
+from enat.trainer import checkpoint
+from enat.trainer.synthetic import SyntheticSpec, write_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
 ENAT = {"kind": "enat", "codebook_size": 64, "grid_size": 4, "width": 32, "heads": 2, "encoder_depth": 2,
@@ -34,8 +34,8 @@ STEPS, STOP = 16, 7
 # argv = preset, output folder, then runs as "name|until_step|override,override,...".
 RUNNER = """
 import json, sys
-from cluster.train_cmd import load_train_config
-from trainer.loop import train
+from enat.cluster.train_cmd import load_train_config
+from enat.trainer.loop import train
 preset, out = sys.argv[1], sys.argv[2]
 for spec in sys.argv[3:]:
     name, until, overrides = spec.split("|")
@@ -58,7 +58,7 @@ def write_preset(tmp_path: Path, model: dict, **values) -> Path:
 
 
 def environment(tmp_path: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+    return {**os.environ, "OMP_NUM_THREADS": "1",
             "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", **extra}
 
 
@@ -97,8 +97,8 @@ def two_process_runs(tmp_path_factory):
     env = environment(tmp_path)
     run(torchrun(str(tmp_path / "runner.py"), str(preset), str(tmp_path / "out"), "z0|0|zero_stage=0",
                  "z3|0|zero_stage=3", f"z3r|{STOP}|zero_stage=3"), env)
-    resumed = run(torchrun("-m", "cluster.cli", "train", "--config", str(preset), "run=z3r", "zero_stage=3"),
-                  env)
+    resumed = run(torchrun("-m", "enat.cluster.cli", "train", "--config", str(preset), "run=z3r",
+                           "zero_stage=3"), env)
     return tmp_path, resumed
 
 
@@ -270,8 +270,8 @@ def test_enat_ranks_share_mask_counts_but_draw_their_own_positions():
     """Every rank builds ENAT's graph from the same counts (ZeRO needs one graph), while
     each rank masks its own positions: a 2-rank batch holds as many masking patterns as a
     one-process batch of the same size. NAT draws everything per rank."""
-    from models.masking import MaskingConfig, mask_tokens, previous_step_input
-    from trainer.loop import masking_generators
+    from enat.models.masking import MaskingConfig, mask_tokens, previous_step_input
+    from enat.trainer.loop import masking_generators
 
     ids = torch.randint(0, 64, (8, 64))
     masks, remasks = [], []

@@ -15,11 +15,11 @@ import time
 import psutil
 import pytest
 
-from cluster.cli import main
-from pipelines import storage
-from pipelines.model_io import load_model
-from trainer import checkpoint
-from trainer.synthetic import SyntheticSpec, write_synthetic_shards
+from enat.cluster.cli import main
+from enat.pipelines import storage
+from enat.pipelines.model_io import load_model
+from enat.trainer import checkpoint
+from enat.trainer.synthetic import SyntheticSpec, write_synthetic_shards
 
 STEPS, EVERY = 300, 100
 RUN = "ray-zero2"

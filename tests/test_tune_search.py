@@ -12,8 +12,8 @@ import time
 import pytest
 from ray import cloudpickle
 
-from evaluation.schedule_search import AutoNATSearch, SearchHyperparameters, to_vector
-from models.strategy import Strategy
+from enat.evaluation.schedule_search import AutoNATSearch, SearchHyperparameters, to_vector
+from enat.models.strategy import Strategy
 
 TARGET = [0.8, 0.5, 0.2, 1.0, 0.7, 0.4, 1.2, 1.0, 0.8, 0.6, 0.5, 1.0, 1.5, 2.0]
 
@@ -48,7 +48,7 @@ HYPER = SearchHyperparameters(ratio_lr=0.1, other_lr=0.1, ratio_delta=1e-3, othe
 @pytest.mark.integration
 @pytest.mark.slow
 def test_autonat_searcher_runs_updates_as_tune_trials_and_improves(local_ray, tmp_path):
-    from cluster.tune_search import TuneSettings, run_search
+    from enat.cluster.tune_search import TuneSettings, run_search
 
     initial = Strategy.default(4)
     state = str(tmp_path / "state.json")
@@ -67,7 +67,7 @@ def test_autonat_searcher_runs_updates_as_tune_trials_and_improves(local_ray, tm
 @pytest.mark.integration
 @pytest.mark.slow
 def test_failing_evaluations_stop_the_search_with_the_error(local_ray, tmp_path):
-    from cluster.tune_search import TuneSettings, run_search
+    from enat.cluster.tune_search import TuneSettings, run_search
 
     def broken_factory():
         def objective(strategy, seed):
@@ -81,7 +81,7 @@ def test_failing_evaluations_stop_the_search_with_the_error(local_ray, tmp_path)
 @pytest.mark.integration
 @pytest.mark.slow
 def test_optuna_searcher_over_the_same_space(local_ray, tmp_path):
-    from cluster.tune_search import TuneSettings, run_search
+    from enat.cluster.tune_search import TuneSettings, run_search
 
     initial = Strategy.default(4)
     result = run_search(quadratic_factory, initial, TuneSettings("t2", str(tmp_path / "tune")),
@@ -94,10 +94,9 @@ def test_optuna_searcher_over_the_same_space(local_ray, tmp_path):
 
 DRIVER = """
 import sys, time
-sys.path.insert(0, {repo!r})
-from cluster.tune_search import TuneSettings, run_search
-from evaluation.schedule_search import SearchHyperparameters, to_vector
-from models.strategy import Strategy
+from enat.cluster.tune_search import TuneSettings, run_search
+from enat.evaluation.schedule_search import SearchHyperparameters, to_vector
+from enat.models.strategy import Strategy
 TARGET = {target!r}
 def factory():
     def objective(strategy, seed):
@@ -113,10 +112,9 @@ run_search(factory, Strategy.default(4), TuneSettings("kill", {tune!r}), updates
 @pytest.mark.integration
 @pytest.mark.slow
 def test_killed_driver_resumes_the_current_update(tmp_path):
-    from pathlib import Path
 
     state = tmp_path / "state.json"
-    script = DRIVER.format(repo=str(Path(__file__).resolve().parents[1]), target=TARGET,
+    script = DRIVER.format(target=TARGET,
                            tune=str(tmp_path / "tune"), state=str(state))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     driver = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,

@@ -34,8 +34,8 @@ from typing import Any
 import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 
-from models.config import ModelConfig
-from pipelines import model_io, storage
+from enat.models.config import ModelConfig
+from enat.pipelines import model_io, storage
 
 MARKER = "checkpoint.json"
 DEEPSPEED_DIR = "deepspeed"

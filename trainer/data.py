@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.config import TransformerConfig
-from models.layers import Condition
-from models.typed_config import check
-from pipelines import storage
-from pipelines.shards import (
+from enat.models.config import TransformerConfig
+from enat.models.layers import Condition
+from enat.models.typed_config import check
+from enat.pipelines import storage
+from enat.pipelines.shards import (
     Manifest,
     ManifestMismatch,
     TokenSample,

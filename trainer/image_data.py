@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.typed_config import ConfigError
-from pipelines import storage
-from pipelines.images import RejectedInput, center_crop, decode_image, to_array
+from enat.models.typed_config import ConfigError
+from enat.pipelines import storage
+from enat.pipelines.images import RejectedInput, center_crop, decode_image, to_array
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 READ_CHUNK = 256  # files fetched per request batch (s3fs fetches a batch concurrently)

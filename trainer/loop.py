@@ -37,20 +37,20 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from models import ReuseState, build_config, build_model, config_to_dict
-from models.config import ENATConfig, NATConfig
-from models.device import bf16_supported
-from models.layers import drop_condition
-from models.masking import MaskingConfig, mask_tokens, masked_token_loss, previous_step_input
-from models.typed_config import ConfigError, check, from_dict, to_dict
-from pipelines import storage
-from pipelines.tracking import Tracker
-from trainer import checkpoint
-from trainer.data import Batch, DataConfig, StreamPosition, TokenStream, open_dataset
-from trainer.distributed import import_deepspeed, init_distributed
-from trainer.ema import EMA
-from trainer.metrics import Meter, matmul_peak, train_flops_per_sample
-from trainer.validation import ValidationConfig, validation_batch, validation_loss
+from enat.models import ReuseState, build_config, build_model, config_to_dict
+from enat.models.config import ENATConfig, NATConfig
+from enat.models.device import bf16_supported
+from enat.models.layers import drop_condition
+from enat.models.masking import MaskingConfig, mask_tokens, masked_token_loss, previous_step_input
+from enat.models.typed_config import ConfigError, check, from_dict, to_dict
+from enat.pipelines import storage
+from enat.pipelines.tracking import Tracker
+from enat.trainer import checkpoint
+from enat.trainer.data import Batch, DataConfig, StreamPosition, TokenStream, open_dataset
+from enat.trainer.distributed import import_deepspeed, init_distributed
+from enat.trainer.ema import EMA
+from enat.trainer.metrics import Meter, matmul_peak, train_flops_per_sample
+from enat.trainer.validation import ValidationConfig, validation_batch, validation_loss
 
 TRAINABLE = {"enat": ENATConfig, "nat": NATConfig}
 

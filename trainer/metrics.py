@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.masking import MaskingConfig
+from enat.models.masking import MaskingConfig
 
 _PEAKS: dict[tuple[str, torch.dtype], float] = {}
 
@@ -46,7 +46,7 @@ def train_flops_per_sample(model: nn.Module, masking: MaskingConfig, reuse: bool
                            autocast: Callable[[], AbstractContextManager], device: torch.device,
                            batch: int = 2) -> float:
     """Model FLOPs of one training sample (see the module docstring). Leaves no gradients."""
-    from models.flops import example_condition
+    from enat.models.flops import example_condition
 
     config = model.config
     length = config.seq_len

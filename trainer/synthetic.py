@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines import storage
-from pipelines.shards import Manifest, TokenSample, shard_name, write_manifest, write_shard
+from enat.pipelines import storage
+from enat.pipelines.shards import Manifest, TokenSample, shard_name, write_manifest, write_shard
 
 
 @dataclass

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from models import UViT
-from models.config import NATConfig
-from models.masking import MaskingConfig, mask_tokens, masked_token_loss
+from enat.models import UViT
+from enat.models.config import NATConfig
+from enat.models.masking import MaskingConfig, mask_tokens, masked_token_loss
 
 
 def unigram_entropy(ids: Tensor, codebook_size: int) -> float:

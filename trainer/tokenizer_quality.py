@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from models import VQGAN
+from enat.models import VQGAN
 
 
 @dataclass

@@ -44,15 +44,15 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from tqdm import tqdm
 
-from models import VQGAN, VQGANConfig, config_to_dict
-from models.classifier import FeatureDistance
-from models.device import pick_device
-from models.typed_config import ConfigError, check, to_dict
-from pipelines import model_io, storage
-from pipelines.tracking import Tracker
-from trainer import checkpoint
-from trainer.image_data import ImageSet, load_image_set
-from trainer.tokenizer_quality import Evaluation, codebook_stats, evaluate, reconstruction_grid
+from enat.models import VQGAN, VQGANConfig, config_to_dict
+from enat.models.classifier import FeatureDistance
+from enat.models.device import pick_device
+from enat.models.typed_config import ConfigError, check, to_dict
+from enat.pipelines import model_io, storage
+from enat.pipelines.tracking import Tracker
+from enat.trainer import checkpoint
+from enat.trainer.image_data import ImageSet, load_image_set
+from enat.trainer.tokenizer_quality import Evaluation, codebook_stats, evaluate, reconstruction_grid
 
 WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state.safetensors"
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.masking import mask_by_count
-from models.strategy import Strategy
-from models.typed_config import check
-from pipelines.shards import read_shard
-from trainer.data import Batch, Dataset, collate
+from enat.models.masking import mask_by_count
+from enat.models.strategy import Strategy
+from enat.models.typed_config import check
+from enat.pipelines.shards import read_shard
+from enat.trainer.data import Batch, Dataset, collate
 
 
 @dataclass
