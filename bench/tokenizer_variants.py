@@ -41,8 +41,9 @@ def run_variant(name: str, data: str, work: str, steps: int, norm_groups: int, p
     from enat.models import VQGANConfig, build_config
     from enat.models.config import config_to_dict
     from enat.pipelines import model_io
+    from enat.trainer.config import TokenizerTrainConfig
     from enat.trainer.token_predictability import ProbeConfig, measure
-    from enat.trainer.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+    from enat.trainer.tokenizer_train import train_tokenizer
 
     torch.set_num_threads(1)
     overrides = dict(VARIANTS[name])

@@ -37,7 +37,7 @@ def model_preset() -> dict:
 
 def train_config(data: str, root: str, stage: int, args: argparse.Namespace):
     from enat.models.typed_config import from_dict
-    from enat.trainer.loop import TrainConfig
+    from enat.trainer.config import TrainConfig
 
     half = max(1, args.steps // 2)
     return from_dict(TrainConfig, {
@@ -60,7 +60,8 @@ def worker(args: argparse.Namespace) -> None:
 
 def loader_rate(data: str, batch_size: int, batches: int = 60) -> float:
     from enat.models import build_config
-    from enat.trainer.data import DataConfig, TokenStream, open_dataset
+    from enat.trainer.config import DataConfig
+    from enat.trainer.data import TokenStream, open_dataset
 
     config = DataConfig(url=data)
     stream = TokenStream(open_dataset(config, build_config(model_preset())), config, batch_size, seed=0,
@@ -81,7 +82,8 @@ def plain_step_time(data: str, args: argparse.Namespace) -> float:
     from enat.models import build_config, build_model
     from enat.models.device import bf16_supported
     from enat.models.masking import MaskingConfig, mask_tokens, masked_token_loss
-    from enat.trainer.data import DataConfig, TokenStream, open_dataset
+    from enat.trainer.config import DataConfig
+    from enat.trainer.data import TokenStream, open_dataset
 
     torch.set_num_threads(1)
     config = build_config(model_preset())

@@ -14,7 +14,8 @@ from enat.cluster.config import preset_path, read_yaml
 from enat.models import VQGANConfig, build_config
 from enat.models.typed_config import ConfigError
 from enat.pipelines.storage import StorageError
-from enat.trainer.tokenizer_train import TokenizerTrainConfig, TrainResult, check_model, train_tokenizer
+from enat.trainer.config import TokenizerTrainConfig
+from enat.trainer.tokenizer_train import TrainResult, check_model, train_tokenizer
 
 
 def resolve_model(config: TokenizerTrainConfig) -> VQGANConfig:

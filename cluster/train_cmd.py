@@ -88,13 +88,12 @@ def load_train_config(preset: str | None, overrides: list[str] | tuple[str, ...]
 def preflight(config: TrainConfig) -> None:
     """Fail before any worker starts: storage permission, manifest vs model, missing shards,
     the checkpoint named by resume=."""
-    from enat.models import build_config
     from enat.pipelines import storage
     from enat.trainer import checkpoint
     from enat.trainer.data import open_dataset
 
     storage.check_writable(checkpoint.run_url(config.root, config.run))
-    open_dataset(config.data, build_config(config.model))
+    open_dataset(config.data, config.model)
     checkpoint.resume_target(config.root, config.run, config.resume)
 
 

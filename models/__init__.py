@@ -1,60 +1,47 @@
-"""Models: the VQGAN tokenizer, the NAT (U-ViT) baseline, ENAT, and reference-checkpoint loading."""
+"""Models: the VQGAN tokenizer, the NAT (U-ViT) baseline, ENAT, and reference-checkpoint loading.
+
+The configs import eagerly (they are plain dataclasses); the torch modules load on first use
+(PEP 562), so reading a config or answering `enat --help` never imports torch.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from enat.models.config import (
-    ENATConfig,
-    ModelConfig,
-    NATConfig,
-    VQGANConfig,
-    build_config,
-    config_to_dict,
-)
-from enat.models.convert import (
-    CheckpointMismatch,
-    config_from_reference,
-    convert_enat,
-    convert_uvit,
-    convert_vqgan,
-    load_reference_checkpoint,
-)
-from enat.models.enat import ENAT, ENATOutput, ReuseState
-from enat.models.layers import Condition
-from enat.models.uvit import UViT
-from enat.models.vqgan import VQGAN
+from enat.models.config import ENATConfig, ModelConfig, NATConfig, VQGANConfig, build_config, config_to_dict
+
+if TYPE_CHECKING:
+    from enat.models.build import build_model
+    from enat.models.convert import (
+        CheckpointMismatch,
+        config_from_reference,
+        convert_enat,
+        convert_uvit,
+        convert_vqgan,
+        load_reference_checkpoint,
+    )
+    from enat.models.enat import ENAT, ENATOutput, ReuseState
+    from enat.models.layers import Condition
+    from enat.models.uvit import UViT
+    from enat.models.vqgan import VQGAN
+
+_LAZY = {
+    "build_model": "build", "CheckpointMismatch": "convert", "config_from_reference": "convert",
+    "convert_enat": "convert", "convert_uvit": "convert", "convert_vqgan": "convert",
+    "load_reference_checkpoint": "convert", "ENAT": "enat", "ENATOutput": "enat", "ReuseState": "enat",
+    "Condition": "layers", "UViT": "uvit", "VQGAN": "vqgan",
+}
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    """The freshly initialised model for a config."""
-    if isinstance(config, ENATConfig):
-        return ENAT(config)
-    if isinstance(config, NATConfig):
-        return UViT(config)
-    if isinstance(config, VQGANConfig):
-        return VQGAN(config)
-    raise TypeError(f"not a model config: {type(config).__name__}")
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'enat.models' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"enat.models.{_LAZY[name]}"), name)
 
 
 __all__ = [
-    "ENAT",
-    "VQGAN",
-    "CheckpointMismatch",
-    "Condition",
-    "ENATConfig",
-    "ENATOutput",
-    "ModelConfig",
-    "NATConfig",
-    "ReuseState",
-    "UViT",
-    "VQGANConfig",
-    "build_config",
-    "build_model",
-    "config_from_reference",
-    "config_to_dict",
-    "convert_enat",
-    "convert_uvit",
-    "convert_vqgan",
-    "load_reference_checkpoint",
+    "ENAT", "VQGAN", "CheckpointMismatch", "Condition", "ENATConfig", "ENATOutput", "ModelConfig",
+    "NATConfig", "ReuseState", "UViT", "VQGANConfig", "build_config", "build_model", "config_from_reference",
+    "config_to_dict", "convert_enat", "convert_uvit", "convert_vqgan", "load_reference_checkpoint",
 ]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from enat.models.typed_config import ConfigError, check, from_dict, to_dict
+from enat.models.typed_config import check, convert, to_dict
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,8 @@ class VQGANConfig:
     The downsampling factor is 2 ** (len(channel_mult) - 1): the released tokenizer
     (channel_mult 1,1,2,2,4) maps 256x256 images to 16x16 ids.
     """
+
+    kind: ClassVar[str] = "vqgan"  # a preset's `kind:` (typed_config's keyed unions)
 
     codebook_size: int = 256
     code_dim: int = 16  # also the encoder's output channels: there is no quant_conv
@@ -162,6 +164,8 @@ class NATConfig(TransformerConfig):
     """AutoNAT's U-ViT: depth // 2 in-blocks, one mid-block, depth // 2 out-blocks with
     long skips (U-ViT's convention: depth 24 builds 12 + 1 + 12 blocks)."""
 
+    kind: ClassVar[str] = "nat"
+
     depth: int = 8
     qkv_bias: bool = False
 
@@ -174,6 +178,8 @@ class NATConfig(TransformerConfig):
 class ENATConfig(TransformerConfig):
     """ENAT: an encoder over visible tokens and a decoder over mask tokens."""
 
+    kind: ClassVar[str] = "enat"
+
     encoder_depth: int = 6
     decoder_depth: int = 2
 
@@ -185,19 +191,25 @@ class ENATConfig(TransformerConfig):
 
 ModelConfig = VQGANConfig | NATConfig | ENATConfig
 
-CONFIG_KINDS: dict[str, type] = {"vqgan": VQGANConfig, "nat": NATConfig, "enat": ENATConfig}
-
-
 def build_config(data: Mapping[str, Any]) -> ModelConfig:
     """A preset mapping (fields plus `kind:`) -> its validated config dataclass."""
-    fields = dict(data)
-    kind = fields.pop("kind", None)
-    if kind not in CONFIG_KINDS:
-        raise ConfigError(f"bad value for 'kind': expected one of {', '.join(CONFIG_KINDS)}, got {kind!r}")
-    return from_dict(CONFIG_KINDS[kind], fields)
+    return convert(data, ModelConfig)
 
 
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     """The preset form of a config (the inverse of `build_config`)."""
-    kind = next(name for name, cls in CONFIG_KINDS.items() if type(config) is cls)
-    return {"kind": kind, **to_dict(config)}
+    return to_dict(config)
+
+
+@dataclass
+class MaskingConfig:
+    beta_a: float = 12.0  # AutoNAT's searched training strategy: ratio ~ Beta(12, 3)
+    beta_b: float = 3.0
+    label_smoothing: float = 0.1
+    reuse_prob: float = 0.5  # ENAT: share of steps trained with a previous-step reuse state
+
+    def __post_init__(self) -> None:
+        check(self.beta_a > 0, "beta_a", "> 0", self.beta_a)
+        check(self.beta_b > 0, "beta_b", "> 0", self.beta_b)
+        check(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)", self.label_smoothing)
+        check(0 <= self.reuse_prob <= 1, "reuse_prob", "in [0, 1]", self.reuse_prob)

@@ -7,27 +7,11 @@ function of (batch, generator state): the exactness tests and resumed runs rely 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from enat.models.typed_config import check
-
-
-@dataclass
-class MaskingConfig:
-    beta_a: float = 12.0  # AutoNAT's searched training strategy: ratio ~ Beta(12, 3)
-    beta_b: float = 3.0
-    label_smoothing: float = 0.1
-    reuse_prob: float = 0.5  # ENAT: share of steps trained with a previous-step reuse state
-
-    def __post_init__(self) -> None:
-        check(self.beta_a > 0, "beta_a", "> 0", self.beta_a)
-        check(self.beta_b > 0, "beta_b", "> 0", self.beta_b)
-        check(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)", self.label_smoothing)
-        check(0 <= self.reuse_prob <= 1, "reuse_prob", "in [0, 1]", self.reuse_prob)
+from enat.models.config import MaskingConfig
 
 
 def sample_beta(a: float, b: float, n: int, generator: torch.Generator) -> Tensor:

@@ -43,8 +43,8 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+def convert(value: Any, tp: Any, key: str = "") -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key` ("": the top level)."""
     origin = get_origin(tp)
     bad = ConfigError(f"bad value for '{key}': expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
@@ -60,23 +60,28 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in get_args(tp):
             return None
+        keyed = {getattr(option, "kind", None): option for option in get_args(tp)
+                 if dataclasses.is_dataclass(option)}
+        if isinstance(value, Mapping) and keyed and None not in keyed:
+            prefix = f"{key}." if key else ""
+            return from_dict(keyed[_kind_of(value, keyed, prefix)], value, prefix=prefix)
         for option in get_args(tp):
             if option is type(None):
                 continue
             try:
-                return _convert(value, option, key)
+                return convert(value, option, key)
             except ConfigError:
                 pass
         raise bad
     if origin in (list, tuple):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise bad
-        items = [_convert(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [convert(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, Mapping):
             raise bad
-        return {str(k): _convert(v, get_args(tp)[1], f"{key}.{k}") for k, v in value.items()}
+        return {str(k): convert(v, get_args(tp)[1], f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise bad
@@ -101,16 +106,32 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"'{key}': unsupported config type {tp!r}")
 
 
+def _kind_of(value: Mapping[str, Any], keyed: Mapping[str, Any], prefix: str) -> str:
+    kind = value.get("kind")
+    if kind not in keyed:
+        raise ConfigError(f"bad value for '{prefix}kind': expected one of {', '.join(map(repr, keyed))}, "
+                          f"got {kind!r}")
+    return kind
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from `data`; unknown keys and bad values raise ConfigError."""
+    """Build dataclass `cls` from `data`; unknown keys and bad values raise ConfigError.
+
+    A dataclass with a `kind` class attribute (e.g. `kind: ClassVar[str] = "enat"`) is one
+    member of a keyed union: its mapping may carry `kind:`, which must be its own; a field
+    typed as a union of such classes picks the class by the mapping's `kind:`."""
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
+    own_kind = getattr(cls, "kind", None)
+    if own_kind is not None and "kind" in data:
+        _kind_of(data, {own_kind: cls}, prefix)
+        data = {key: value for key, value in data.items() if key != "kind"}
     for key, value in data.items():
         if key not in fields:
             allowed = ", ".join(sorted(fields))
             raise ConfigError(f"unknown key '{prefix}{key}'; allowed keys: {allowed}")
-        kwargs[key] = _convert(value, hints[key], prefix + key)
+        kwargs[key] = convert(value, hints[key], prefix + key)
     missing = [
         name
         for name, f in fields.items()
@@ -131,7 +152,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            kind = {"kind": value.kind} if getattr(type(value), "kind", None) is not None else {}
+            return kind | {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
         if isinstance(value, dict):

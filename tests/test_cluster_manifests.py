@@ -200,7 +200,7 @@ def test_the_cluster_has_the_gpus_the_preset_trains_on(path):
     for argv in manifest_commands(path):
         for train, launch in check_enat(argv):
             assert launch.num_workers <= gpus, f"{launch.num_workers} workers, {gpus} GPUs"
-            if train.model["kind"] == "enat" and train.model["width"] == 1024:  # ENAT-L
+            if train.model.kind == "enat" and train.model.width == 1024:  # ENAT-L
                 assert train.batch_size * train.grad_accum * launch.num_workers == GLOBAL_BATCH
 
 

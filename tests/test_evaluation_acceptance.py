@@ -88,7 +88,8 @@ def train_tiny_enat(model: torch.nn.Module, ids: np.ndarray, labels: np.ndarray,
 def fit_tokenizer(tree: str, root: str) -> str:
     """A quickly fitted tiny tokenizer (blurry, but its images carry the emoji's colours and
     layout); returns its export URL."""
-    from enat.trainer.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+    from enat.trainer.config import TokenizerTrainConfig
+    from enat.trainer.tokenizer_train import train_tokenizer
 
     config = TokenizerTrainConfig(source=f"{tree}/train", root=root, steps=TOKENIZER_STEPS, batch_size=16,
                                   warmup_steps=10, eval_every=TOKENIZER_STEPS, log_every=TOKENIZER_STEPS,

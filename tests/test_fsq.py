@@ -108,7 +108,8 @@ def test_fsq_tokenizer_round_trips_through_pretokenize_train_and_sample(tmp_path
     from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
     from enat.pipelines.model_io import load_model, save_model
     from enat.pipelines.shards import read_manifest, read_shard
-    from enat.trainer.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+    from enat.trainer.config import TokenizerTrainConfig
+    from enat.trainer.tokenizer_train import train_tokenizer
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -22,9 +22,10 @@ from enat.pipelines import storage
 from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
 from enat.pipelines.model_io import load_model, save_classifier
 from enat.trainer import checkpoint
+from enat.trainer.config import TokenizerTrainConfig
 from enat.trainer.image_data import held_out_score, load_image_set
 from enat.trainer.tokenizer_quality import codebook_stats, psnr
-from enat.trainer.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+from enat.trainer.tokenizer_train import train_tokenizer
 
 # A few steps of batch 4 keep each run at a few seconds on 2 cores.
 FAST = dict(steps=6, batch_size=4, warmup_steps=2, log_every=2, eval_every=2, checkpoint_every=2,

@@ -39,7 +39,6 @@ from torch import Tensor
 
 from enat.models.config import TransformerConfig
 from enat.models.layers import Condition
-from enat.models.typed_config import check
 from enat.pipelines import storage
 from enat.pipelines.shards import (
     Manifest,
@@ -49,28 +48,14 @@ from enat.pipelines.shards import (
     decode_sample,
     read_manifest,
 )
+from enat.trainer.config import DataConfig
 
 
 class MissingShards(FileNotFoundError):
     """Shards listed in the manifest are not in storage."""
 
 
-@dataclass
-class DataConfig:
-    url: str = ""  # the folder holding manifest.json (what `enat pretokenize` printed)
-    split: str = "train"
-    shuffle_buffer: int = 1000  # samples per reader; 1 keeps the (shuffled) shard order
-    readers: int = 2  # reader threads per rank, each owning a slice of the shards
-    prefetch: int = 256  # samples each reader may read ahead
-    flip_prob: float = 0.5  # probability of using the mirrored copy, when a sample has one
-    tokenizer_id: str | None = None  # expected manifest tokenizer id (None: not checked)
-    verify_sha256: bool = True  # skip shards whose bytes differ from the manifest's sha256
 
-    def __post_init__(self) -> None:
-        check(self.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", self.shuffle_buffer)
-        check(self.readers >= 1, "data.readers", ">= 1", self.readers)
-        check(self.prefetch >= 1, "data.prefetch", ">= 1", self.prefetch)
-        check(0.0 <= self.flip_prob <= 1.0, "data.flip_prob", "in [0, 1]", self.flip_prob)
 
 
 @dataclass

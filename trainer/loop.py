@@ -31,80 +31,29 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from enat.models import ReuseState, build_config, build_model, config_to_dict
+from enat.models import ReuseState, build_model, config_to_dict
 from enat.models.config import ENATConfig, NATConfig
 from enat.models.device import bf16_supported
 from enat.models.layers import drop_condition
-from enat.models.masking import MaskingConfig, mask_tokens, masked_token_loss, previous_step_input
-from enat.models.typed_config import ConfigError, check, from_dict, to_dict
+from enat.models.masking import mask_tokens, masked_token_loss, previous_step_input
+from enat.models.typed_config import to_dict
 from enat.pipelines import storage
 from enat.pipelines.tracking import Tracker
 from enat.trainer import checkpoint
-from enat.trainer.data import Batch, DataConfig, StreamPosition, TokenStream, open_dataset
+from enat.trainer.config import TrainConfig
+from enat.trainer.data import Batch, StreamPosition, TokenStream, open_dataset
 from enat.trainer.distributed import import_deepspeed, init_distributed
 from enat.trainer.ema import EMA
 from enat.trainer.metrics import Meter, matmul_peak, train_flops_per_sample
-from enat.trainer.validation import ValidationConfig, validation_batch, validation_loss
+from enat.trainer.validation import validation_batch, validation_loss
 
 TRAINABLE = {"enat": ENATConfig, "nat": NATConfig}
-
-
-@dataclass
-class TrainConfig:
-    run: str = "tiny-enat-demo"  # run name: everything goes under {root}/runs/<run>/
-    root: str = "s3://enat/demo"  # storage root (s3://bucket/prefix or a local folder)
-    model: dict[str, Any] = field(default_factory=dict)  # model preset mapping (kind: enat or nat)
-    data: DataConfig = field(default_factory=DataConfig)
-    masking: MaskingConfig = field(default_factory=MaskingConfig)
-    p_uncond: float | None = None  # CFG label drop; None keeps the model preset's cond_dropout
-    seed: int = 0
-    steps: int = 1000
-    batch_size: int = 32  # per worker and micro-step: global batch = batch_size * grad_accum * workers
-    grad_accum: int = 1
-    lr: float = 4e-4
-    schedule: Literal["constant", "cosine"] = "constant"  # after a linear warmup
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0  # the cosine schedule's floor, as a share of lr
-    betas: tuple[float, float] = (0.99, 0.99)
-    weight_decay: float = 0.03
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it
-    zero_stage: int = 2
-    ema_decay: float = 0.9999
-    log_every: int = 10  # steps between metric lines (stdout and MLflow)
-    checkpoint_every: int = 500
-    keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
-    resume: str = "auto"  # auto: the run's latest checkpoint; never; or a step-<n> folder URL
-    validation: ValidationConfig = field(default_factory=ValidationConfig)  # val_loss at checkpoints
-    mlflow_experiment: str = "enat-train"
-    tracking: bool = True
-
-    def __post_init__(self) -> None:
-        check(bool(self.run) and "/" not in self.run, "run", "a non-empty name without '/'", self.run)
-        fields = dict(self.model)
-        kind = fields.pop("kind", None)
-        if kind not in TRAINABLE:
-            raise ConfigError(f"bad value for 'model.kind': expected enat or nat, got {kind!r}")
-        from_dict(TRAINABLE[kind], fields, prefix="model.")  # one-line errors naming model.<key>
-        if kind == "nat" and self.masking.reuse_prob > 0:
-            raise ConfigError("bad value for 'masking.reuse_prob': must be 0 for a NAT model "
-                              "(reuse training is ENAT's)")
-        check(self.p_uncond is None or 0 <= self.p_uncond <= 1, "p_uncond", "in [0, 1]", self.p_uncond)
-        for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"):
-            check(getattr(self, key) >= 1, key, ">= 1", getattr(self, key))
-        check(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
-        check(self.lr > 0, "lr", "> 0", self.lr)
-        check(all(0 <= b < 1 for b in self.betas), "betas", "two values in [0, 1)", self.betas)
-        check(self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3", self.zero_stage)
-        check(0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)", self.ema_decay)
-        check(self.keep_last >= 1, "keep_last", ">= 1", self.keep_last)
-        check(self.grad_clip >= 0, "grad_clip", ">= 0", self.grad_clip)
 
 
 @dataclass
@@ -159,9 +108,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
-        model_config = build_config(config.model)
+        model_config = config.model
         self.model_dict = config_to_dict(model_config)
-        self.kind = self.model_dict["kind"]
+        self.kind = model_config.kind
         self.p_uncond = model_config.cond_dropout if config.p_uncond is None else config.p_uncond
         self.export_config = replace(model_config, cond_dropout=self.p_uncond)
         self.dataset = open_dataset(config.data, model_config)

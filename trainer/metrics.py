@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from enat.models.masking import MaskingConfig
+from enat.models.config import MaskingConfig
 
 _PEAKS: dict[tuple[str, torch.dtype], float] = {}
 

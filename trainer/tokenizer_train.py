@@ -29,13 +29,11 @@ import io
 import json
 import math
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,11 +49,11 @@ from enat.models.typed_config import ConfigError, check, to_dict
 from enat.pipelines import model_io, storage
 from enat.pipelines.tracking import Tracker
 from enat.trainer import checkpoint
+from enat.trainer.config import TokenizerTrainConfig
 from enat.trainer.image_data import ImageSet, load_image_set
 from enat.trainer.tokenizer_quality import Evaluation, codebook_stats, evaluate, reconstruction_grid
 
 WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state.safetensors"
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # An extra loss term: (images, reconstructions, step) -> weighted scalar loss. Images and
 # reconstructions are float [B, 3, H, W] in [0, 1] (reconstructions unclamped, with
@@ -65,72 +63,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ExtraLoss = Callable[[Tensor, Tensor, int], Tensor]
 
 
-@dataclass
-class TokenizerTrainConfig:
-    source: str = "demo-out/data/imagenet/train"  # image folder: local path or s3:// prefix
-    root: str = "s3://enat/demo"  # storage root; the run lives in {root}/runs/<run>/
-    run: str = "tokenizer"
-    model: str = "models/tiny-tokenizer"  # preset of a `kind: vqgan` model
-    # Defaults = the demo configuration, sized for the demo's ~4-5 min tokenizer stage on one
-    # thread. Held-out PSNR on the 1,903 demo emoji (all with 100% of the 256 codes in use):
-    #   steps=1800 (default)  21.86 dB   4.0 min
-    #   steps=2000            22.05 dB   4.4-5.3 min (the other core busy)
-    #   steps=8000            23.83 dB  17.5 min
-    #   steps=12000           24.16 dB  24.8 min   <- the setting for the issue's >= 24 dB
-    #   steps=16000           24.28 dB  34 min
-    # i.e. `enat tokenizer train ... steps=12000`. The gain per doubling of steps falls from
-    # ~1.3 dB (800 -> 1,600) to ~0.45 dB (8,000 -> 16,000). Small batches win on CPU: at
-    # equal compute batch 8 beat batch 16 by 0.9 dB, which beat batch 32 by 1.3 dB.
-    steps: int = 1800
-    batch_size: int = 8
-    lr: float = 2e-3  # 3e-3: -0.2 dB at 800 steps; 1e-3: -0.3 dB at 1,200 steps
-    warmup_steps: int = 100  # linear warmup, then cosine decay to 0 at `steps`
-    # PSNR is an MSE figure, so L2 carries it, while L1 (a gradient that does not shrink
-    # with the error) keeps edges moving: with seed 0 at 800 steps, L2 alone lost 0.5 dB
-    # and L1 alone 1.7 dB. Over 3 seeds at 800 steps l2_weight 2 or 5 gained 0.35 dB over 1
-    # (at 2,000 steps l2_weight 5 gained 0.4 dB), 20 lost it again (seed 0).
-    l1_weight: float = 1.0
-    l2_weight: float = 5.0
-    codebook_weight: float = 1.0
-    commitment_weight: float = 0.25
-    dead_code_steps: int = 100  # restart codes unused this many steps; 0 = never
-    # Perceptual loss: a classifier trained on the same images (`enat eval train-features`,
-    # never the FID extractor itself) whose features the reconstruction must keep
-    # (models/classifier.FeatureDistance). "" = pixel losses only.
-    perceptual: str = ""
-    perceptual_weight: float = 0.1
-    flip: bool = True  # random horizontal flips
-    log_every: int = 100
-    eval_every: int = 400
-    checkpoint_every: int = 400
-    keep_last: int = 2
-    seed: int = 0
-    resolution: int = 32  # must equal the model's image_size
-    held_out_share: float = 0.05
-    grid_images: int = 16
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool = False  # bf16 autocast (quantizer distances stay fp32)
-    # CPU threads (at most 2 on the demo machine): at batch 8 a second thread gains little
-    # and, when the two cores are shared with other jobs, made steps 4x slower.
-    threads: int = 1
-    experiment: str = "tokenizer"  # MLflow experiment
 
-    def __post_init__(self) -> None:
-        check(bool(RUN_NAME.fullmatch(self.run)), "run", "letters, digits, '.', '_' or '-'", self.run)
-        for key in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_last"):
-            check(getattr(self, key) >= 1, key, ">= 1", getattr(self, key))
-        check(self.lr > 0, "lr", "> 0", self.lr)
-        check(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
-        check(self.dead_code_steps >= 0, "dead_code_steps", ">= 0 (0 = never)", self.dead_code_steps)
-        for key in ("l1_weight", "l2_weight", "codebook_weight", "commitment_weight", "perceptual_weight"):
-            check(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
-        check(0.0 <= self.held_out_share < 1.0, "held_out_share", "in [0, 1)", self.held_out_share)
-        check(self.grid_images >= 0, "grid_images", ">= 0", self.grid_images)
-        check(1 <= self.threads <= 2, "threads", "1 or 2", self.threads)
-
-    @property
-    def run_url(self) -> str:
-        return checkpoint.run_url(self.root, self.run)
 
 
 @dataclass

@@ -10,28 +10,14 @@ label smoothing and without reuse. `enat search-train` ranks its trials by it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from enat.models.masking import mask_by_count
 from enat.models.strategy import Strategy
-from enat.models.typed_config import check
 from enat.pipelines.shards import read_shard
+from enat.trainer.config import ValidationConfig
 from enat.trainer.data import Batch, Dataset, collate
-
-
-@dataclass
-class ValidationConfig:
-    samples: int = 0  # token grids scored at each checkpoint; 0 = off
-    split: str = ""  # manifest split to read them from; "" = the training split
-    generation_steps: int = 8  # the masked counts of Strategy.default(generation_steps)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check(self.samples >= 0, "validation.samples", ">= 0 (0 = off)", self.samples)
-        check(self.generation_steps >= 1, "validation.generation_steps", ">= 1", self.generation_steps)
 
 
 def validation_batch(dataset: Dataset, config: ValidationConfig) -> Batch:
