@@ -63,8 +63,9 @@ def _add_command(sub: argparse._SubParsersAction, name: str, command: Command) -
     parser = sub.add_parser(name, help=command.help, description=command.help)
     parser.set_defaults(command=command)
     if command.config_cls is not None:
+        folder = f"configs/{command.preset_folder}/ or " if command.preset_folder else ""
         parser.add_argument("--config", metavar="PRESET_OR_PATH",
-                            help="YAML preset name (configs/) or path")
+                            help=f"YAML preset name ({folder}configs/) or path")
         hints = typing.get_type_hints(command.config_cls)
         for flag, key in command.flags.items():
             kind = hints.get(key)
@@ -123,7 +124,8 @@ def command_config(args: argparse.Namespace) -> Any:
     overrides = list(args.overrides)
     if command.positional and overrides and "=" not in overrides[0]:
         flags[command.positional] = overrides.pop(0)
-    return load_config(command.config_cls, args.config, overrides, flags=flags)
+    return load_config(command.config_cls, args.config, overrides, flags=flags,
+                       preset_folder=command.preset_folder)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,5 +18,7 @@ class Command:
     flags: dict[str, str] = field(default_factory=dict)  # "--out" -> config key "out"
     # A config key that may also be given as the first argument (`enat search <checkpoint>`).
     positional: str | None = None
+    # Where `--config NAME` looks first: configs/<preset_folder>/NAME.yaml (e.g. "train").
+    preset_folder: str = ""
     # Extra argparse arguments that are not config keys (e.g. `services up --mlflow`).
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None

@@ -1,17 +1,20 @@
 """Presets + `key=value` overrides -> typed config objects, before anything starts.
 
 A preset is a YAML file: a bare name (`demo`, `models/tiny-enat`) is looked up in the
-repository's configs/ folder (or $ENAT_CONFIG_DIR), anything else is a path. Overrides
-use dotted keys (`train.lr=3e-4`); their values are parsed as YAML scalars, so
-`steps=10` is an int and `name=abc` a string.
+presets folder (enat/configs, the checkout's configs/, or $ENAT_CONFIG_DIR), anything else
+is a path. Overrides use dotted keys (`train.lr=3e-4`); their values are parsed as YAML
+scalars, so `steps=10` is an int and `name=abc` a string. A section typed as a config
+(`model:` of a train job) may name a preset instead of spelling out its keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -22,13 +25,16 @@ T = TypeVar("T")
 CONFIG_DIR = Path(os.environ.get("ENAT_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
 
 
-def preset_path(name_or_path: str) -> Path:
-    """Resolve a preset name (configs/<name>.yaml) or an explicit path."""
+def preset_path(name_or_path: str, folder: str = "") -> Path:
+    """Resolve a preset name (configs/<folder>/<name>.yaml when there is one, else
+    configs/<name>.yaml) or an explicit path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.exists():
             raise ConfigError(f"config file '{name_or_path}' not found")
         return path
+    if folder and "/" not in name_or_path and (CONFIG_DIR / folder / f"{name_or_path}.yaml").exists():
+        return CONFIG_DIR / folder / f"{name_or_path}.yaml"
     candidate = CONFIG_DIR / f"{name_or_path}.yaml"
     if not candidate.exists():
         known = sorted(str(p.relative_to(CONFIG_DIR))[:-5] for p in CONFIG_DIR.rglob("*.yaml"))
@@ -78,17 +84,34 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _is_config(tp: Any) -> bool:
+    """A dataclass, or a union of dataclasses (such as a model of any kind)."""
+    if get_origin(tp) in (Union, types.UnionType):
+        return all(dataclasses.is_dataclass(option) for option in get_args(tp) if option is not type(None))
+    return dataclasses.is_dataclass(tp)
+
+
 def load_config(
     cls: type[T],
     preset: str | None = None,
     overrides: Sequence[str] = (),
     defaults: Mapping[str, Any] | None = None,
     flags: Mapping[str, Any] | None = None,
+    preset_folder: str = "",
 ) -> T:
-    """defaults < preset file < overrides < flags (values taken as given), validated into `cls`."""
+    """defaults < preset file < overrides < flags (values taken as given), validated into `cls`.
+
+    A config-typed section given as a string is a preset: `model: models/tiny-enat` in the
+    file, then `model.width=64` changes that preset's value, while `model=models/tiny-nat`
+    replaces the whole section."""
     data = dict(defaults or {})
     if preset:
-        data = merge(data, read_yaml(preset_path(preset)))
-    data = merge(data, parse_overrides(overrides))
-    data = merge(data, flags or {})
-    return from_dict(cls, data)
+        data = merge(data, read_yaml(preset_path(preset, preset_folder)))
+    update = merge(parse_overrides(overrides), flags or {})
+    hints = get_type_hints(cls)
+    for key in [key for key, tp in hints.items() if _is_config(tp)]:
+        if isinstance(update.get(key), str):
+            data[key] = update.pop(key)
+        if isinstance(data.get(key), str):
+            data[key] = read_yaml(preset_path(data[key]))
+    return from_dict(cls, merge(data, update))

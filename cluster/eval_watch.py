@@ -20,23 +20,12 @@ import argparse
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from enat.cluster.command import Command
+from enat.cluster.jobs import TrainEvalConfig
 from enat.evaluation.watch import WatchConfig, checkpoints_of, evaluate_step, read_records
 from enat.models.typed_config import check
-
-
-@dataclass
-class TrainEvalConfig(WatchConfig):
-    """`enat train`'s `eval:` section: the watcher's settings; the run is the one training."""
-
-    watch: bool = False
-
-    def __post_init__(self) -> None:
-        if self.watch:
-            super().__post_init__()
 
 
 def _say(message: str) -> None:

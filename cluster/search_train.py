@@ -21,73 +21,26 @@ import argparse
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 from enat.cluster.command import Command
-from enat.cluster.config import parse_overrides
-from enat.models.typed_config import ConfigError, check, from_dict, to_dict
+from enat.cluster.jobs import TrainSearchConfig, TrainSearchJob
+from enat.trainer.config import TrainConfig
 
 
-@dataclass
-class TrainSearchConfig:
-    name: str = "search-train"  # the experiment: {root}/runs/<name>/ and trial runs <name>-<id>
-    trials: int = 8
-    max_steps: int = 600  # steps of a trial that is never stopped
-    grace_steps: int = 200  # the first rung: no trial is stopped before it
-    reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor at each rung
-    concurrency: int = 1  # trials at once (each runs launch.num_workers workers)
-    beta_a: tuple[float, float] = (1.0, 16.0)  # uniform ranges of the mask-ratio Beta(a, b)
-    beta_b: tuple[float, float] = (1.0, 8.0)
-    lr: tuple[float, float] = (1e-4, 3e-3)  # log-uniform
-    validation_samples: int = 256
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check(self.trials >= 1, "search.trials", ">= 1", self.trials)
-        check(self.grace_steps >= 1, "search.grace_steps", ">= 1", self.grace_steps)
-        check(self.max_steps >= self.grace_steps, "search.max_steps", ">= search.grace_steps", self.max_steps)
-        check(self.reduction_factor >= 2, "search.reduction_factor", ">= 2", self.reduction_factor)
-        check(self.concurrency >= 1, "search.concurrency", ">= 1", self.concurrency)
-        check(self.validation_samples >= 1, "search.validation_samples", ">= 1", self.validation_samples)
-        for key in ("beta_a", "beta_b", "lr"):
-            low, high = getattr(self, key)
-            check(0 < low <= high, f"search.{key}", "[low, high] with 0 < low <= high", getattr(self, key))
-
-    def rungs(self) -> list[int]:
-        """The steps at which ASHA compares trials (trials checkpoint and report there)."""
-        steps, rung = [], self.grace_steps
-        while rung < self.max_steps:
-            steps.append(rung)
-            rung *= self.reduction_factor
-        return [*steps, self.max_steps]
-
-
-def load_search(preset: str | None, overrides: list[str]) -> tuple[Any, Any, TrainSearchConfig]:
-    """(train config, launch config, search config): `search.<key>=...` overrides configure the
-    search, every other key the trials' training (as for `enat train`)."""
-    from enat.cluster.train_cmd import load_train_config
-
-    search = parse_overrides([o for o in overrides if o.startswith("search.")]).get("search", {})
-    config, launch, evals = load_train_config(preset, [o for o in overrides if not o.startswith("search.")])
-    if evals.watch:
-        raise ConfigError("eval.watch is not available in search-train: evaluate the best setting's run")
-    return config, launch, from_dict(TrainSearchConfig, search, prefix="search.")
-
-
-def trial_config(base: dict[str, Any], search: TrainSearchConfig, params: dict[str, float],
-                 trial_id: str) -> dict[str, Any]:
-    """The training config of one trial: the base with the trial's Beta(a, b) and lr, its own
-    run, checkpoints at ASHA's rungs (a checkpoint is where val_loss is reported)."""
-    rungs = search.rungs()
-    every = math.gcd(*rungs)
-    return {**base, "run": f"{search.name}-{trial_id}", "steps": search.max_steps, "lr": params["lr"],
-            "masking": {**base["masking"], "beta_a": params["beta_a"], "beta_b": params["beta_b"]},
-            "checkpoint_every": every, "keep_last": 1, "resume": "auto",
-            # A short run's EMA must forget the initial weights by the first rung.
-            "ema_decay": min(base["ema_decay"], max(0.0, 1 - 10 / search.grace_steps)),
-            "validation": {**base.get("validation", {}), "samples": search.validation_samples},
-            "warmup_steps": min(base["warmup_steps"], search.grace_steps // 2)}
+def trial_config(job: TrainSearchJob, params: dict[str, float], trial_id: str) -> TrainConfig:
+    """The training config of one trial: the job's with the trial's Beta(a, b) and lr, its
+    own run, checkpoints at ASHA's rungs (a checkpoint is where val_loss is reported)."""
+    base, search = job.loop_config(), job.search
+    return replace(
+        base, run=f"{search.name}-{trial_id}", steps=search.max_steps, lr=params["lr"],
+        masking=replace(base.masking, beta_a=params["beta_a"], beta_b=params["beta_b"]),
+        checkpoint_every=math.gcd(*search.rungs()), keep_last=1, resume="auto",
+        # A short run's EMA must forget the initial weights by the first rung.
+        ema_decay=min(base.ema_decay, max(0.0, 1 - 10 / search.grace_steps)),
+        validation=replace(base.validation, samples=search.validation_samples),
+        warmup_steps=min(base.warmup_steps, search.grace_steps // 2))
 
 
 def _trial(params: dict[str, Any]) -> None:
@@ -103,25 +56,26 @@ def _trial(params: dict[str, Any]) -> None:
     from enat.cluster.train_cmd import _ray_worker, ray_storage
     from enat.trainer import checkpoint
 
-    search, launch = params["search"], params["launch"]
-    config = trial_config(params["base"], search, params, ray.tune.get_context().get_trial_id())
+    job: TrainSearchJob = params["job"]
+    search, launch = job.search, job.launch
+    config = trial_config(job, params, ray.tune.get_context().get_trial_id())
     storage_path, storage_fs = ray_storage(params["storage"])
     for rung in search.rungs():
         trainer = TorchTrainer(
             _ray_worker, train_loop_config={"config": config, "until_step": rung},
-            scaling_config=ScalingConfig(num_workers=launch["num_workers"], use_gpu=params["use_gpu"],
-                                         resources_per_worker={"CPU": launch["cpus_per_worker"]}),
+            scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=params["use_gpu"],
+                                         resources_per_worker={"CPU": launch.cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if params["use_gpu"] else "gloo"),
-            run_config=RunConfig(name=f"{config['run']}-to-{rung}", storage_path=storage_path,
+            run_config=RunConfig(name=f"{config.run}-to-{rung}", storage_path=storage_path,
                                  storage_filesystem=storage_fs,
-                                 failure_config=FailureConfig(max_failures=launch["max_failures"])))
+                                 failure_config=FailureConfig(max_failures=launch.max_failures)))
         trainer.fit()
-        reached = checkpoint.latest(config["root"], config["run"])  # its marker holds the metrics
+        reached = checkpoint.latest(config.root, config.run)  # its marker holds the metrics
         ray.tune.report({"step": reached.step, "val_loss": reached.meta["metrics"]["val_loss"],
                          "loss": reached.meta["metrics"].get("loss"), "checkpoint_url": reached.url})
 
 
-def run_search_train(config: Any, launch: Any, search: TrainSearchConfig) -> dict[str, Any]:
+def run_search_train(job: TrainSearchJob) -> dict[str, Any]:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -132,7 +86,8 @@ def run_search_train(config: Any, launch: Any, search: TrainSearchConfig) -> dic
     from enat.pipelines import storage
     from enat.trainer import checkpoint
 
-    experiment_url = checkpoint.run_url(config.root, search.name)
+    search, launch = job.search, job.launch
+    experiment_url = checkpoint.run_url(job.root, search.name)
     storage.check_writable(experiment_url)
     # A local Ray gets one trial_slot per concurrent trial; a cluster's nodes declare theirs
     # (see the README), and a Ray the caller started must have them.
@@ -144,7 +99,7 @@ def run_search_train(config: Any, launch: Any, search: TrainSearchConfig) -> dic
         tune_url = storage.join(experiment_url, "tune")
         tune_path, tune_fs = ray_storage(tune_url)
         trainable = tune.with_resources(_trial, {"trial_slot": 1})
-        space = {"base": to_dict(config), "search": search, "launch": to_dict(launch), "use_gpu": use_gpu,
+        space = {"job": job, "use_gpu": use_gpu,
                  "storage": storage.join(tune_url, "train"),
                  "beta_a": tune.uniform(*search.beta_a), "beta_b": tune.uniform(*search.beta_b),
                  "lr": tune.loguniform(*search.lr)}
@@ -200,9 +155,8 @@ def summarize(results: Any, experiment_url: str, search: TrainSearchConfig) -> d
     return summary
 
 
-def _run(_config: Any, args: argparse.Namespace) -> int:
-    config, launch, search = load_search(args.config, args.overrides)
-    summary = run_search_train(config, launch, search)
+def _run(job: TrainSearchJob, _args: argparse.Namespace) -> int:
+    summary = run_search_train(job)
     print(f"{'trial':>12} {'beta_a':>7} {'beta_b':>7} {'lr':>9} {'steps':>6} {'val_loss':>9}")
     for trial in sorted(summary["trials"], key=lambda t: (-(t["steps"] or 0), t["val_loss"] or math.inf)):
         loss = trial["val_loss"] if trial["val_loss"] is not None else math.nan
@@ -215,14 +169,7 @@ def _run(_config: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="PRESET_OR_PATH",
-                        help="train preset or YAML path (as for enat train)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="search.<key>=... for the search, other keys for the trials' training")
-
-
 def commands() -> dict[str, dict[str, Command]]:
     return {"": {"search-train": Command(
-        "tune Beta(a,b) mask ratios and lr with ASHA, each trial a Ray Train run", None, _run,
-        add_arguments=_arguments)}}
+        "tune Beta(a,b) mask ratios and lr with ASHA, each trial a Ray Train run", TrainSearchJob, _run,
+        preset_folder="train")}}

@@ -23,66 +23,11 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 from enat.cluster.command import Command
-from enat.cluster.config import CONFIG_DIR, merge, parse_overrides, preset_path, read_yaml
-from enat.models.typed_config import ConfigError, check, from_dict, to_dict
-
-if TYPE_CHECKING:  # importing the loop pulls in torch: only when a job runs
-    from enat.cluster.eval_watch import TrainEvalConfig
-    from enat.trainer.loop import TrainConfig
-
-@dataclass
-class LaunchConfig:
-    launcher: Literal["auto", "ray", "process"] = "auto"  # auto: process under torchrun, else ray
-    num_workers: int = 2
-    cpus_per_worker: float = 1.0
-    use_gpu: Literal["auto", "yes", "no"] = "auto"  # auto: when the Ray cluster has GPUs
-    max_failures: int = 1  # worker failures Ray recovers from (each restart resumes)
-    ray_storage: str = ""  # Ray's bookkeeping; "" = {root}/runs/<run>/ray
-
-    def __post_init__(self) -> None:
-        check(self.num_workers >= 1, "launch.num_workers", ">= 1", self.num_workers)
-        check(self.cpus_per_worker > 0, "launch.cpus_per_worker", "> 0", self.cpus_per_worker)
-        check(self.max_failures >= -1, "launch.max_failures", ">= -1 (-1: unlimited)", self.max_failures)
-
-
-def _resolve_model(value: Any) -> Any:
-    """A model preset name or path (`models/tiny-enat`) becomes its mapping."""
-    return read_yaml(preset_path(value)) if isinstance(value, str) else value
-
-
-def train_preset_path(name: str) -> Any:
-    """`tiny-enat-demo` means configs/train/tiny-enat-demo.yaml; paths and `train/<name>` work too."""
-    in_train = (CONFIG_DIR / "train" / f"{name}.yaml").exists()
-    if "/" not in name and not name.endswith((".yaml", ".yml")) and in_train:
-        name = f"train/{name}"
-    return preset_path(name)
-
-
-def load_train_config(preset: str | None, overrides: list[str] | tuple[str, ...] = ()
-                      ) -> tuple[TrainConfig, LaunchConfig, TrainEvalConfig]:
-    """Preset YAML < key=value overrides, as (loop config, `launch:` section, `eval:`
-    section). `model:` may name a model preset; `model.<key>=...` overrides then apply to
-    that preset's values."""
-    from enat.cluster.eval_watch import TrainEvalConfig
-    from enat.trainer.loop import TrainConfig
-
-    data = read_yaml(train_preset_path(preset)) if preset else {}
-    update = parse_overrides(overrides)
-    if "model" in data:
-        data["model"] = _resolve_model(data["model"])
-    if isinstance(update.get("model"), str):  # another preset replaces the model wholesale
-        data["model"] = _resolve_model(update.pop("model"))
-    data = merge(data, update)
-    sections = {name: data.pop(name, {}) for name in ("launch", "eval")}
-    for name, section in sections.items():
-        if not isinstance(section, dict):
-            raise ConfigError(f"bad value for '{name}': expected a mapping, got {section!r}")
-    return (from_dict(TrainConfig, data), from_dict(LaunchConfig, sections["launch"], prefix="launch."),
-            from_dict(TrainEvalConfig, sections["eval"], prefix="eval."))
+from enat.cluster.jobs import LaunchConfig, TrainEvalConfig, TrainJob
+from enat.trainer.config import TrainConfig
 
 
 def preflight(config: TrainConfig) -> None:
@@ -117,9 +62,9 @@ def ray_storage(url: str) -> tuple[str, Any]:
 def _ray_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
-    from enat.trainer.loop import TrainConfig, train
+    from enat.trainer.loop import train
 
-    config = from_dict(TrainConfig, loop_config["config"])
+    config: TrainConfig = loop_config["config"]  # validated once, in the driver
 
     def report(step: int, url: str, metrics: dict[str, float]) -> None:
         ray.train.report({"step": step, "checkpoint_url": url, **metrics})
@@ -149,7 +94,7 @@ def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig
         storage_path, storage_fs = ray_storage(launch.ray_storage or f"{run_url}/ray")
         trainer = TorchTrainer(
             _ray_worker,
-            train_loop_config={"config": to_dict(config)},
+            train_loop_config={"config": config},
             scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": launch.cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -164,13 +109,13 @@ def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig
             ray.shutdown()
 
 
-def _run(_config: Any, args: argparse.Namespace) -> int:
+def _run(job: TrainJob, _args: argparse.Namespace) -> int:
     from enat.pipelines.shards import ManifestMismatch
     from enat.pipelines.storage import StorageError
     from enat.trainer import checkpoint
     from enat.trainer.loop import train
 
-    config, launch, evals = load_train_config(args.config, args.overrides)
+    config, launch, evals = job.loop_config(), job.launch, job.eval
     launcher = launch.launcher
     if launcher == "auto":
         launcher = "process" if "TORCHELASTIC_RUN_ID" in os.environ else "ray"
@@ -202,13 +147,6 @@ def _run(_config: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="PRESET_OR_PATH",
-                        help="train preset (configs/train/<name>.yaml or train/<name>) or a YAML path")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, dotted keys allowed (model.width=64, launch.num_workers=4)")
-
-
 def commands() -> dict[str, dict[str, Command]]:
     return {"": {"train": Command("train ENAT or NAT with DeepSpeed under Ray Train (or torchrun)",
-                                  None, _run, add_arguments=_arguments)}}
+                                  TrainJob, _run, preset_folder="train")}}

@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from enat.cluster.cli import all_commands, command_config, parse, with_default_subcommand
-from enat.cluster.train_cmd import load_train_config
 from enat.models.typed_config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,10 +73,9 @@ def check_enat(argv: list[str]) -> list[Any]:
         inner = args.enat_command[1:] if args.enat_command[:1] == ["--"] else args.enat_command
         return check_enat(inner if inner[:1] == ["enat"] else ["enat", *inner])
     try:
+        job = command_config(args)
         if name == ["train"]:
-            train, launch, *_ = load_train_config(args.config, args.overrides)
-            return [(train, launch)]
-        command_config(args)
+            return [(job, job.launch)]
     except ConfigError as err:
         raise AssertionError(f"{shlex.join(argv)}: {err}") from None
     return []

@@ -14,7 +14,6 @@ import pytest
 from enat.cluster.cli import command_config, parse
 from enat.cluster.demo import DemoConfig, DemoError, DemoPaths, Stage, run_stage, stages
 from enat.cluster.demo_summary import collect, render
-from enat.cluster.train_cmd import load_train_config
 from enat.pipelines import storage
 from enat.pipelines.shards import Manifest, TokenSample, write_manifest, write_shard
 
@@ -29,13 +28,10 @@ def test_every_stage_command_is_valid_for_the_cli(tmp_path):
     assert "final evaluation on fresh seeds: searched-4" in titles
     assert planned[0].beside_next and not any(stage.beside_next for stage in planned[1:])
     for stage in planned:
-        args = parse(stage.args)
+        job = command_config(parse(stage.args))  # raises ConfigError on a bad key or value
         if stage.args[0] == "train":
-            train, launch, evals = load_train_config(args.config, args.overrides)
-            assert launch.num_workers == 2 and train.zero_stage == 2
-            assert evals.watch == (train.run == "tiny-enat-demo")
-        else:
-            command_config(args)  # raises ConfigError on a bad key or value
+            assert job.launch.num_workers == 2 and job.zero_stage == 2
+            assert job.eval.watch == (job.run == "tiny-enat-demo")
 
 
 def test_done_stages_are_skipped_and_failures_stop_the_demo(capsys):

@@ -9,8 +9,11 @@ import json
 import pytest
 
 from enat.cluster.cli import main
-from enat.cluster.search_train import TrainSearchConfig, trial_config
+from enat.cluster.jobs import TrainSearchConfig, TrainSearchJob
+from enat.cluster.search_train import trial_config
+from enat.models.config import MaskingConfig
 from enat.pipelines import storage
+from enat.trainer.config import ValidationConfig
 from enat.trainer.synthetic import SyntheticSpec, write_synthetic_shards
 
 MODEL = ["model.codebook_size=64", "model.grid_size=4", "model.width=32", "model.heads=2",
@@ -20,14 +23,15 @@ MODEL = ["model.codebook_size=64", "model.grid_size=4", "model.width=32", "model
 def test_rungs_and_trial_configs_follow_the_search():
     search = TrainSearchConfig(max_steps=600, grace_steps=100, reduction_factor=3, validation_samples=64)
     assert search.rungs() == [100, 300, 600]
-    base = {"masking": {"beta_a": 12.0, "beta_b": 3.0, "reuse_prob": 0.5}, "warmup_steps": 100,
-            "validation": {"samples": 0}, "ema_decay": 0.9999}
-    config = trial_config(base, search, {"beta_a": 2.0, "beta_b": 5.0, "lr": 1e-3}, "abc_00001")
-    assert config["run"] == "search-train-abc_00001" and config["steps"] == 600
-    assert config["checkpoint_every"] == 100 and config["validation"]["samples"] == 64
-    assert config["masking"] == {"beta_a": 2.0, "beta_b": 5.0, "reuse_prob": 0.5} and config["lr"] == 1e-3
-    assert config["warmup_steps"] == 50  # warmup ends before the first rung
-    assert config["ema_decay"] == pytest.approx(0.9)  # forgets the init weights by the first rung
+    job = TrainSearchJob(masking=MaskingConfig(beta_a=12.0, beta_b=3.0, reuse_prob=0.5), warmup_steps=100,
+                         validation=ValidationConfig(samples=0), ema_decay=0.9999, search=search)
+    config = trial_config(job, {"beta_a": 2.0, "beta_b": 5.0, "lr": 1e-3}, "abc_00001")
+    assert type(config).__name__ == "TrainConfig"  # what the workers get: no driver-only sections
+    assert config.run == "search-train-abc_00001" and config.steps == 600
+    assert config.checkpoint_every == 100 and config.validation.samples == 64
+    assert config.masking == MaskingConfig(beta_a=2.0, beta_b=5.0, reuse_prob=0.5) and config.lr == 1e-3
+    assert config.warmup_steps == 50  # warmup ends before the first rung
+    assert config.ema_decay == pytest.approx(0.9)  # forgets the init weights by the first rung
 
 
 def test_bad_search_keys_fail_with_one_line(capsys):

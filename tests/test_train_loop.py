@@ -34,12 +34,13 @@ STEPS, STOP = 16, 7
 # argv = preset, output folder, then runs as "name|until_step|override,override,...".
 RUNNER = """
 import json, sys
-from enat.cluster.train_cmd import load_train_config
+from enat.cluster.config import load_config
+from enat.cluster.jobs import TrainJob
 from enat.trainer.loop import train
 preset, out = sys.argv[1], sys.argv[2]
 for spec in sys.argv[3:]:
     name, until, overrides = spec.split("|")
-    config, _, _ = load_train_config(preset, [f"run={name}", *filter(None, overrides.split(","))])
+    config = load_config(TrainJob, preset, [f"run={name}", *filter(None, overrides.split(","))]).loop_config()
     result = train(config, until_step=int(until) or None)
     with open(f"{out}/{name}-{result.step}-rank{__import__('os').environ['RANK']}.json", "w") as f:
         json.dump({"losses": result.losses, "resumed_from": result.resumed_from}, f)

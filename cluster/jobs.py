@@ -1,0 +1,104 @@
+"""The training jobs, each one typed config: `enat train` runs a `TrainJob`, `enat
+search-train` a `TrainSearchJob`.
+
+A job is the loop's own config (trainer/config.py, its keys at the top level of a train
+preset) plus the sections only the driver reads: `launch:` (how many workers, where) and
+`eval:` (the checkpoint watcher), and for a search `search:`. The CLI parses and validates
+the whole job once, in the driver; workers get `loop_config()`, the validated TrainConfig
+object. No torch here: `enat train --help` must not load it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from enat.evaluation.watch import WatchConfig
+from enat.models.typed_config import ConfigError, check
+from enat.trainer.config import TrainConfig
+
+
+@dataclass
+class LaunchConfig:
+    launcher: Literal["auto", "ray", "process"] = "auto"  # auto: process under torchrun, else ray
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: Literal["auto", "yes", "no"] = "auto"  # auto: when the Ray cluster has GPUs
+    max_failures: int = 1  # worker failures Ray recovers from (each restart resumes)
+    ray_storage: str = ""  # Ray's bookkeeping; "" = {root}/runs/<run>/ray
+
+    def __post_init__(self) -> None:
+        check(self.num_workers >= 1, "launch.num_workers", ">= 1", self.num_workers)
+        check(self.cpus_per_worker > 0, "launch.cpus_per_worker", "> 0", self.cpus_per_worker)
+        check(self.max_failures >= -1, "launch.max_failures", ">= -1 (-1: unlimited)", self.max_failures)
+
+
+@dataclass
+class TrainEvalConfig(WatchConfig):
+    """`enat train`'s `eval:` section: the watcher's settings; the run is the one training."""
+
+    watch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.watch:
+            super().__post_init__()
+
+
+@dataclass
+class TrainJob(TrainConfig):
+    """`enat train`: the loop's config, how to launch it, and what to evaluate meanwhile."""
+
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
+
+    def loop_config(self) -> TrainConfig:
+        """The part the workers run: the job without its driver-only sections."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+@dataclass
+class TrainSearchConfig:
+    name: str = "search-train"  # the experiment: {root}/runs/<name>/ and trial runs <name>-<id>
+    trials: int = 8
+    max_steps: int = 600  # steps of a trial that is never stopped
+    grace_steps: int = 200  # the first rung: no trial is stopped before it
+    reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor at each rung
+    concurrency: int = 1  # trials at once (each runs launch.num_workers workers)
+    beta_a: tuple[float, float] = (1.0, 16.0)  # uniform ranges of the mask-ratio Beta(a, b)
+    beta_b: tuple[float, float] = (1.0, 8.0)
+    lr: tuple[float, float] = (1e-4, 3e-3)  # log-uniform
+    validation_samples: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.trials >= 1, "search.trials", ">= 1", self.trials)
+        check(self.grace_steps >= 1, "search.grace_steps", ">= 1", self.grace_steps)
+        check(self.max_steps >= self.grace_steps, "search.max_steps", ">= search.grace_steps", self.max_steps)
+        check(self.reduction_factor >= 2, "search.reduction_factor", ">= 2", self.reduction_factor)
+        check(self.concurrency >= 1, "search.concurrency", ">= 1", self.concurrency)
+        check(self.validation_samples >= 1, "search.validation_samples", ">= 1", self.validation_samples)
+        for key in ("beta_a", "beta_b", "lr"):
+            low, high = getattr(self, key)
+            check(0 < low <= high, f"search.{key}", "[low, high] with 0 < low <= high", getattr(self, key))
+
+    def rungs(self) -> list[int]:
+        """The steps at which ASHA compares trials (trials checkpoint and report there)."""
+        steps, rung = [], self.grace_steps
+        while rung < self.max_steps:
+            steps.append(rung)
+            rung *= self.reduction_factor
+        return [*steps, self.max_steps]
+
+
+@dataclass
+class TrainSearchJob(TrainJob):
+    """`enat search-train`: a train job whose `search:` section tunes its masking and lr;
+    every other key configures the trials' training."""
+
+    search: TrainSearchConfig = field(default_factory=TrainSearchConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eval.watch:
+            raise ConfigError("eval.watch is not available in search-train: evaluate the best setting's run")
