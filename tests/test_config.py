@@ -85,6 +85,23 @@ def test_cli_help_lists_every_command_with_one_line():
         assert any(line.strip().startswith(command) for line in result.stdout.splitlines())
 
 
+# Every command's parser and config class loads, and `enat train --help` answers, in a fresh
+# interpreter: none of that may import the heavy libraries (help must answer in well under 1 s).
+HELP_PROBE = """
+import contextlib, io, sys
+from enat.cluster.cli import build_parser, main
+build_parser()
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    main(["train", "--help"])
+print(",".join(m for m in ("torch", "deepspeed", "ray", "mlflow", "torch_fidelity", "numpy") if m in sys.modules))
+"""
+
+
+def test_the_cli_builds_every_command_without_importing_torch():
+    result = subprocess.run([sys.executable, "-c", HELP_PROBE], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
 def test_eval_group_takes_a_checkpoint_directly():
     from enat.cluster.cli import all_commands, with_default_subcommand
 
