@@ -160,7 +160,5 @@ def _run(config: WatchConfig, _args: argparse.Namespace) -> int:
 
 
 def commands() -> dict[str, dict[str, Command]]:
-    from enat.cluster.eval_cmd import clear_errors
-
     return {"eval": {"watch": Command("evaluate each new checkpoint of a training run as a Ray task",
-                                      WatchConfig, clear_errors(_run), positional="run")}}
+                                      WatchConfig, _run, positional="run")}}

@@ -217,19 +217,10 @@ def summary_lines(manifest: Manifest, out: str) -> list[str]:
 
 
 def _run(config: PretokenizeConfig, args: argparse.Namespace) -> int:
-    from enat.pipelines.pretokenize import PretokenizeError
-    from enat.pipelines.sources import SourceError
-    from enat.pipelines.storage import StorageError
-    from enat.pipelines.text_encoder import TextEncoderUnavailable
-
-    try:
-        if args.inspect:
-            print("\n".join(inspect_output(args.inspect, args.samples, args.grid, config.tokenizer)))
-            return 0
-        return run_pretokenize(config, progress=not args.no_progress)
-    except (SourceError, StorageError, PretokenizeError, TextEncoderUnavailable, FileNotFoundError) as err:
-        print(f"enat: error: {err}", file=sys.stderr)
-        return 2
+    if args.inspect:
+        print("\n".join(inspect_output(args.inspect, args.samples, args.grid, config.tokenizer)))
+        return 0
+    return run_pretokenize(config, progress=not args.no_progress)
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:

@@ -166,8 +166,6 @@ def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig
 
 
 def _run(_config: Any, args: argparse.Namespace) -> int:
-    from enat.pipelines.shards import ManifestMismatch
-    from enat.pipelines.storage import StorageError
     from enat.trainer import checkpoint
     from enat.trainer.loop import train
 
@@ -175,28 +173,24 @@ def _run(_config: Any, args: argparse.Namespace) -> int:
     launcher = launch.launcher
     if launcher == "auto":
         launcher = "process" if "TORCHELASTIC_RUN_ID" in os.environ else "ray"
-    try:
-        if os.environ.get("RANK", "0") == "0":
-            preflight(config)
-        if launcher == "process":
-            if evals.watch and os.environ.get("RANK", "0") == "0":
-                print("note: eval.watch runs with the Ray launcher only; evaluate this run with "
-                      f"`enat eval watch {checkpoint.run_url(config.root, config.run)} ...`", file=sys.stderr)
-            result = train(config)
-            if result.step == config.steps and os.environ.get("RANK", "0") == "0":
-                print(f"run {config.run} finished at step {result.step}; last checkpoint {result.checkpoint}")
-            return 0
-        import ray.train
+    if os.environ.get("RANK", "0") == "0":
+        preflight(config)
+    if launcher == "process":
+        if evals.watch and os.environ.get("RANK", "0") == "0":
+            print("note: eval.watch runs with the Ray launcher only; evaluate this run with "
+                  f"`enat eval watch {checkpoint.run_url(config.root, config.run)} ...`", file=sys.stderr)
+        result = train(config)
+        if result.step == config.steps and os.environ.get("RANK", "0") == "0":
+            print(f"run {config.run} finished at step {result.step}; last checkpoint {result.checkpoint}")
+        return 0
+    import ray.train
 
-        try:
-            run_on_ray(config, launch, evals)
-        except ray.train.TrainingFailedError as err:
-            print(f"enat: error: training failed after {launch.max_failures} restart(s): "
-                  f"{str(err).splitlines()[0]}", file=sys.stderr)
-            return 1
-    except (ManifestMismatch, StorageError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"enat: error: {err}", file=sys.stderr)
-        return 2
+    try:
+        run_on_ray(config, launch, evals)
+    except ray.train.TrainingFailedError as err:
+        print(f"enat: error: training failed after {launch.max_failures} restart(s): "
+              f"{str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
     last = checkpoint.latest(config.root, config.run)
     print(f"run {config.run} finished at step {last.step if last else '?'}; "
           f"EMA model for evaluation: {last.ema_url if last else 'none'}")

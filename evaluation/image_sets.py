@@ -90,11 +90,11 @@ class ImageSet:
         kind, sep, url = spec.partition(":")
         if sep and kind in (*SOURCE_KINDS, TOKENS) and url:
             return kind, url
-        if spec.endswith(".npz"):
-            return "npz", spec
         if not storage.exists(spec):
             raise ImageSetError(f"image set not found: {spec} (expected a folder of images, token "
                                 f"shards, an .npz with arr_0, or <kind>:<url>)")
+        if spec.endswith(".npz"):
+            return "npz", spec
         if storage.exists(storage.join(spec, shards.MANIFEST_NAME)):
             return TOKENS, spec
         return "folder", spec
