@@ -122,12 +122,11 @@ def _trial(params: dict[str, Any]) -> None:
 
 
 def run_search_train(config: Any, launch: Any, search: TrainSearchConfig) -> dict[str, Any]:
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from enat.cluster.ray_session import cluster_has_gpus, start_ray
+    from enat.cluster.ray_session import cluster_has_gpus, ray_session
     from enat.cluster.train_cmd import ray_storage
     from enat.pipelines import storage
     from enat.trainer import checkpoint
@@ -136,10 +135,9 @@ def run_search_train(config: Any, launch: Any, search: TrainSearchConfig) -> dic
     storage.check_writable(experiment_url)
     # A local Ray gets one trial_slot per concurrent trial; a cluster's nodes declare theirs
     # (see the README), and a Ray the caller started must have them.
-    owns_ray = start_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(search.concurrency * launch.num_workers
-                                                                      * launch.cpus_per_worker)),
-                         resources={"trial_slot": search.concurrency})
-    try:
+    wanted = search.concurrency * launch.num_workers * launch.cpus_per_worker
+    with ray_session(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)),
+                     resources={"trial_slot": search.concurrency}):
         use_gpu = launch.use_gpu == "yes" or (launch.use_gpu == "auto" and cluster_has_gpus())
         tune_url = storage.join(experiment_url, "tune")
         tune_path, tune_fs = ray_storage(tune_url)
@@ -165,9 +163,6 @@ def run_search_train(config: Any, launch: Any, search: TrainSearchConfig) -> dic
                 run_config=tune.RunConfig(name=search.name, storage_path=tune_path,
                                           storage_filesystem=tune_fs, verbose=0))
         results = tuner.fit()
-    finally:
-        if owns_ray:
-            ray.shutdown()
     return summarize(results, experiment_url, search)
 
 

@@ -132,37 +132,35 @@ def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig
     """Run the loop under Ray Train's TorchTrainer; returns Ray's Result, raises
     ray.train.TrainingFailedError when the workers failed more than max_failures times.
     With `evals.watch`, checkpoints are evaluated as Ray tasks while training goes on."""
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from enat.cluster.eval_watch import BackgroundWatch
-    from enat.cluster.ray_session import cluster_has_gpus, start_ray
+    from enat.cluster.ray_session import cluster_has_gpus, ray_session
     from enat.trainer import checkpoint
 
     watching = evals is not None and evals.watch
     wanted = launch.num_workers * launch.cpus_per_worker + (evals.num_cpus if watching else 0)
-    owns_ray = start_ray(max(os.cpu_count() or 1, math.ceil(wanted)))
     run_url = checkpoint.run_url(config.root, config.run)
-    watcher = BackgroundWatch(evals, run_url).start() if watching else None
-    try:
-        use_gpu = launch.use_gpu == "yes" or (launch.use_gpu == "auto" and cluster_has_gpus())
-        storage_path, storage_fs = ray_storage(launch.ray_storage or f"{run_url}/ray")
-        trainer = TorchTrainer(
-            _ray_worker,
-            train_loop_config={"config": to_dict(config)},
-            scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": launch.cpus_per_worker}),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(name=config.run, storage_path=storage_path, storage_filesystem=storage_fs,
-                                 failure_config=FailureConfig(max_failures=launch.max_failures)),
-        )
-        return trainer.fit()
-    finally:
-        if watcher is not None:
-            watcher.finish()  # evaluates the checkpoints not evaluated yet
-        if owns_ray:
-            ray.shutdown()
+    with ray_session(max(os.cpu_count() or 1, math.ceil(wanted))):
+        watcher = BackgroundWatch(evals, run_url).start() if watching else None
+        try:
+            use_gpu = launch.use_gpu == "yes" or (launch.use_gpu == "auto" and cluster_has_gpus())
+            storage_path, storage_fs = ray_storage(launch.ray_storage or f"{run_url}/ray")
+            trainer = TorchTrainer(
+                _ray_worker,
+                train_loop_config={"config": to_dict(config)},
+                scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=use_gpu,
+                                             resources_per_worker={"CPU": launch.cpus_per_worker}),
+                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                run_config=RunConfig(name=config.run, storage_path=storage_path,
+                                     storage_filesystem=storage_fs,
+                                     failure_config=FailureConfig(max_failures=launch.max_failures)),
+            )
+            return trainer.fit()
+        finally:
+            if watcher is not None:
+                watcher.finish()  # evaluates the checkpoints not evaluated yet
 
 
 def _run(_config: Any, args: argparse.Namespace) -> int:
