@@ -1,7 +1,9 @@
 """The `enat` command line: one entry, one subcommand per job.
 
 Every job takes `--config PRESET_OR_PATH` and trailing `key=value` overrides, validated
-into the job's typed config before anything starts; a bad key exits 2 with one line.
+into the job's typed config before anything starts. Errors the user can fix (a bad key, a
+missing input, refused storage: models/errors.py UserError) end every command the same
+way, as one line on stderr and exit code 2; anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from enat.cluster.command import Command
 from enat.cluster.config import load_config
-from enat.models.typed_config import ConfigError
+from enat.models.errors import UserError
 
 # Each module lists its subcommands in `commands()` (group -> name -> Command; group ""
 # holds top-level commands) and may describe its groups in GROUP_HELP.
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.command.run(command_config(args), args) or 0
-    except ConfigError as err:
+    except UserError as err:
         print(f"enat: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

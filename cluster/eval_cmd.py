@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,26 +42,6 @@ def log_evaluation(tracker: Any, result: dict, config: dict | None = None) -> No
     tracker.log_bytes(storage.read_bytes(result["grid"]), "grid.png")
 
 
-def clear_errors(run: Any) -> Any:
-    """Known bad-input errors become one line on stderr and exit code 2 (not a traceback)."""
-
-    def wrapped(config: Any, args: argparse.Namespace) -> int | None:
-        from enat.evaluation.image_sets import ImageSetError
-        from enat.evaluation.metrics import ExtractorMismatch, MissingWeights
-        from enat.evaluation.sampling import SamplingError
-        from enat.evaluation.strategy_io import StrategyError
-        from enat.pipelines.sources import SourceError
-
-        try:
-            return run(config, args)
-        except (ImageSetError, ExtractorMismatch, MissingWeights, SamplingError, StrategyError, SourceError,
-                FileNotFoundError) as err:
-            print(f"enat: error: {err}", file=sys.stderr)
-            return 2
-
-    return wrapped
-
-
 def _with_checkpoint(help_text: str, config_cls: type, run: Any) -> Command:
     """A command taking the checkpoint as its first positional argument, then overrides."""
 
@@ -80,7 +59,7 @@ def _with_checkpoint(help_text: str, config_cls: type, run: Any) -> Command:
             flags["checkpoint"] = args.checkpoint
         return run(load_config(config_cls, args.config, overrides, flags=flags), args)
 
-    return Command(help_text, None, clear_errors(start), add_arguments=arguments)
+    return Command(help_text, None, start, add_arguments=arguments)
 
 
 def _sample(config: Any, _args: argparse.Namespace) -> int:
@@ -173,17 +152,17 @@ def commands() -> dict[str, dict[str, Command]]:
             "sample": _with_checkpoint("sample images from a checkpoint's EMA weights (PNGs, npz, grid)",
                                        SampleConfig, _sample),
             "fid-stats": Command("compute reference FID statistics (npz with mu, sigma, extractor id)",
-                                 FidStatsConfig, clear_errors(_fid_stats),
+                                 FidStatsConfig, _fid_stats,
                                  {"--images": "images", "--out": "out"}),
         },
         "eval": {
             "checkpoint": _with_checkpoint("FID/KID/IS, FLOPs and speed of a checkpoint, logged to MLflow",
                                            EvalConfig, _eval_checkpoint),
             "train-features": Command("train the domain feature extractor on a class-folder tree",
-                                      FeatureTrainConfig, clear_errors(_train_features),
+                                      FeatureTrainConfig, _train_features,
                                       {"--data": "data", "--out": "out"}),
             "floor": Command("FID between two disjoint halves of a real image set", FloorConfig,
-                             clear_errors(_floor), {"--images": "images"}),
+                             _floor, {"--images": "images"}),
         },
     }
 

@@ -130,16 +130,10 @@ class BackgroundWatch:
 
 
 def _run(config: WatchConfig, _args: argparse.Namespace) -> int:
-    from enat.cluster.ray_session import start_ray
+    from enat.cluster.ray_session import ray_session
 
-    owns_ray = start_ray()
-    try:
+    with ray_session():
         evaluated = watch(config)
-    finally:
-        if owns_ray:
-            import ray
-
-            ray.shutdown()
     records = read_records(config.run)
     print(f"{len(evaluated)} checkpoint(s) evaluated now, {len(records)} in the run's records "
           f"({config.run}/evals)")
@@ -149,7 +143,5 @@ def _run(config: WatchConfig, _args: argparse.Namespace) -> int:
 
 
 def commands() -> dict[str, dict[str, Command]]:
-    from enat.cluster.eval_cmd import clear_errors
-
     return {"eval": {"watch": Command("evaluate each new checkpoint of a training run as a Ray task",
-                                      WatchConfig, clear_errors(_run), positional="run")}}
+                                      WatchConfig, _run, positional="run")}}

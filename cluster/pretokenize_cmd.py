@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from enat.cluster.command import Command
-from enat.cluster.ray_session import start_ray
+from enat.cluster.ray_session import ray_session
 from enat.models.typed_config import to_dict
 from enat.pipelines.pretokenize import PretokenizeConfig
 from enat.pipelines.shards import Manifest
@@ -119,16 +119,10 @@ def _run_job(job: Any, config: PretokenizeConfig, started: float, progress: bool
     """The shard tasks, then the manifest; None (with the reason printed) if shards failed."""
     from enat.pipelines.pretokenize import finish
 
-    started_ray = start_ray()
-    try:
+    with ray_session():
         shards_started = time.monotonic()
         records, failures = run_shards(job, config, progress)
         shards_seconds = time.monotonic() - shards_started
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
     processed = sum(record["inputs"] for record in records)
     # Throughput of the shard tasks (worker start-up and model loading included, Ray's own
     # start-up and the listing not).
@@ -217,19 +211,10 @@ def summary_lines(manifest: Manifest, out: str) -> list[str]:
 
 
 def _run(config: PretokenizeConfig, args: argparse.Namespace) -> int:
-    from enat.pipelines.pretokenize import PretokenizeError
-    from enat.pipelines.sources import SourceError
-    from enat.pipelines.storage import StorageError
-    from enat.pipelines.text_encoder import TextEncoderUnavailable
-
-    try:
-        if args.inspect:
-            print("\n".join(inspect_output(args.inspect, args.samples, args.grid, config.tokenizer)))
-            return 0
-        return run_pretokenize(config, progress=not args.no_progress)
-    except (SourceError, StorageError, PretokenizeError, TextEncoderUnavailable, FileNotFoundError) as err:
-        print(f"enat: error: {err}", file=sys.stderr)
-        return 2
+    if args.inspect:
+        print("\n".join(inspect_output(args.inspect, args.samples, args.grid, config.tokenizer)))
+        return 0
+    return run_pretokenize(config, progress=not args.no_progress)
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,9 +2,10 @@
 
 RAY_ADDRESS names a cluster (`ray start --head`, `ray up`, KubeRay, or the address `enat
 submit` gives a job); without it a private local Ray starts, loopback-only, sized by
-`num_cpus`. Workers of a local Ray inherit this process's environment; on a cluster only
-the non-secret endpoint variables are forwarded: credentials come from the cluster's own
-environment (instance profile, Kubernetes Secret), never from this process.
+`num_cpus`. Commands hold Ray for a block, `with ray_session(...):`. Workers of a local
+Ray inherit this process's environment; on a cluster only the non-secret endpoint
+variables are forwarded: credentials come from the cluster's own environment (instance
+profile, Kubernetes Secret), never from this process.
 
 Ray Tune copies the driver's AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY into every trial's
 runtime env, and Ray's runtime-env agent writes that env to the session logs. So before
@@ -16,9 +17,11 @@ reads it in each process of this machine.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 
 KEY_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
@@ -51,6 +54,22 @@ def start_ray(num_cpus: int | None = None, quiet: bool = False,
               f"{ray._private.worker.global_worker.node.get_session_dir_path()}, "
               f"job {ray.get_runtime_context().get_job_id()}", file=sys.stderr, flush=True)
     return True
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int | None = None, quiet: bool = False,
+                resources: dict[str, float] | None = None) -> Iterator[None]:
+    """Ray connected for the block (arguments as for start_ray). On leaving it, Ray is shut
+    down only if this call connected it: a Ray the caller had initialised (a test, a
+    notebook) stays up."""
+    import ray
+
+    started = start_ray(num_cpus, quiet, resources)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def hide_credential_keys() -> str | None:

@@ -50,10 +50,8 @@ def _trial(params: dict[str, Any]) -> None:
     actor while it waits in report) there is no worker group whose placement group would
     outlive it (Ray Train V2 does not release those when Tune stops a trial)."""
     import ray.tune
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from enat.cluster.train_cmd import _ray_worker, ray_storage
+    from enat.cluster.ray_train import build_torch_trainer, ray_storage
     from enat.trainer import checkpoint
 
     job: TrainSearchJob = params["job"]
@@ -61,14 +59,10 @@ def _trial(params: dict[str, Any]) -> None:
     config = trial_config(job, params, ray.tune.get_context().get_trial_id())
     storage_path, storage_fs = ray_storage(params["storage"])
     for rung in search.rungs():
-        trainer = TorchTrainer(
-            _ray_worker, train_loop_config={"config": config, "until_step": rung},
-            scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=params["use_gpu"],
-                                         resources_per_worker={"CPU": launch.cpus_per_worker}),
-            torch_config=TorchConfig(backend="nccl" if params["use_gpu"] else "gloo"),
-            run_config=RunConfig(name=f"{config.run}-to-{rung}", storage_path=storage_path,
-                                 storage_filesystem=storage_fs,
-                                 failure_config=FailureConfig(max_failures=launch.max_failures)))
+        trainer = build_torch_trainer(
+            config, f"{config.run}-to-{rung}", storage_path, storage_fs,
+            num_workers=launch.num_workers, cpus_per_worker=launch.cpus_per_worker,
+            use_gpu=params["use_gpu"], max_failures=launch.max_failures, until_step=rung)
         trainer.fit()
         reached = checkpoint.latest(config.root, config.run)  # its marker holds the metrics
         ray.tune.report({"step": reached.step, "val_loss": reached.meta["metrics"]["val_loss"],
@@ -76,13 +70,12 @@ def _trial(params: dict[str, Any]) -> None:
 
 
 def run_search_train(job: TrainSearchJob) -> dict[str, Any]:
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from enat.cluster.ray_session import cluster_has_gpus, start_ray
-    from enat.cluster.train_cmd import ray_storage
+    from enat.cluster.ray_session import ray_session
+    from enat.cluster.ray_train import ray_storage, resolve_use_gpu
     from enat.pipelines import storage
     from enat.trainer import checkpoint
 
@@ -91,11 +84,10 @@ def run_search_train(job: TrainSearchJob) -> dict[str, Any]:
     storage.check_writable(experiment_url)
     # A local Ray gets one trial_slot per concurrent trial; a cluster's nodes declare theirs
     # (see the README), and a Ray the caller started must have them.
-    owns_ray = start_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(search.concurrency * launch.num_workers
-                                                                      * launch.cpus_per_worker)),
-                         resources={"trial_slot": search.concurrency})
-    try:
-        use_gpu = launch.use_gpu == "yes" or (launch.use_gpu == "auto" and cluster_has_gpus())
+    wanted = search.concurrency * launch.num_workers * launch.cpus_per_worker
+    with ray_session(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)),
+                     resources={"trial_slot": search.concurrency}):
+        use_gpu = resolve_use_gpu(launch.use_gpu)
         tune_url = storage.join(experiment_url, "tune")
         tune_path, tune_fs = ray_storage(tune_url)
         trainable = tune.with_resources(_trial, {"trial_slot": 1})
@@ -120,9 +112,6 @@ def run_search_train(job: TrainSearchJob) -> dict[str, Any]:
                 run_config=tune.RunConfig(name=search.name, storage_path=tune_path,
                                           storage_filesystem=tune_fs, verbose=0))
         results = tuner.fit()
-    finally:
-        if owns_ray:
-            ray.shutdown()
     return summarize(results, experiment_url, search)
 
 

@@ -7,13 +7,11 @@ trainer as a typed VQGANConfig; the trainer checks it against the job config.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from enat.cluster.command import Command
 from enat.cluster.config import preset_path, read_yaml
 from enat.models import VQGANConfig, build_config
 from enat.models.typed_config import ConfigError
-from enat.pipelines.storage import StorageError
 from enat.trainer.config import TokenizerTrainConfig
 from enat.trainer.tokenizer_train import TrainResult, check_model, train_tokenizer
 
@@ -32,11 +30,7 @@ def run_tokenizer_training(config: TokenizerTrainConfig, progress: bool = True) 
 
 
 def _train(config: TokenizerTrainConfig, _args: argparse.Namespace) -> int:
-    try:
-        result = run_tokenizer_training(config)
-    except StorageError as err:
-        print(f"enat: error: {err}", file=sys.stderr)
-        return 1
+    result = run_tokenizer_training(config)
     figures = result.evaluation
     resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
     print(f"tokenizer {config.run}: step {result.step}{resumed}, held-out PSNR {figures.psnr:.2f} dB, "

@@ -42,76 +42,33 @@ def preflight(config: TrainConfig) -> None:
     checkpoint.resume_target(config.root, config.run, config.resume)
 
 
-def ray_storage(url: str) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Ray's RunConfig: local folders as paths;
-    object storage through our fsspec filesystem, wrapped for pyarrow (Ray writes through
-    pyarrow), so one configuration serves both (AWS_* from the environment, custom
-    endpoints such as SeaweedFS included)."""
-    if "://" not in url or url.startswith("file://"):
-        path = os.path.abspath(url.removeprefix("file://"))
-        os.makedirs(path, exist_ok=True)
-        return path, None
-    import pyarrow.fs
-
-    from enat.pipelines import storage
-
-    fs, path = storage.filesystem(url)
-    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-
-
-def _ray_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
-
-    from enat.trainer.loop import train
-
-    config: TrainConfig = loop_config["config"]  # validated once, in the driver
-
-    def report(step: int, url: str, metrics: dict[str, float]) -> None:
-        ray.train.report({"step": step, "checkpoint_url": url, **metrics})
-
-    train(config, until_step=loop_config.get("until_step"), on_checkpoint=report)
-
-
 def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig | None = None) -> Any:
     """Run the loop under Ray Train's TorchTrainer; returns Ray's Result, raises
     ray.train.TrainingFailedError when the workers failed more than max_failures times.
     With `evals.watch`, checkpoints are evaluated as Ray tasks while training goes on."""
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from enat.cluster.eval_watch import BackgroundWatch
-    from enat.cluster.ray_session import cluster_has_gpus, start_ray
+    from enat.cluster.ray_session import ray_session
+    from enat.cluster.ray_train import build_torch_trainer, ray_storage, resolve_use_gpu
     from enat.trainer import checkpoint
 
     watching = evals is not None and evals.watch
     wanted = launch.num_workers * launch.cpus_per_worker + (evals.num_cpus if watching else 0)
-    owns_ray = start_ray(max(os.cpu_count() or 1, math.ceil(wanted)))
     run_url = checkpoint.run_url(config.root, config.run)
-    watcher = BackgroundWatch(evals, run_url).start() if watching else None
-    try:
-        use_gpu = launch.use_gpu == "yes" or (launch.use_gpu == "auto" and cluster_has_gpus())
-        storage_path, storage_fs = ray_storage(launch.ray_storage or f"{run_url}/ray")
-        trainer = TorchTrainer(
-            _ray_worker,
-            train_loop_config={"config": config},
-            scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": launch.cpus_per_worker}),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(name=config.run, storage_path=storage_path, storage_filesystem=storage_fs,
-                                 failure_config=FailureConfig(max_failures=launch.max_failures)),
-        )
-        return trainer.fit()
-    finally:
-        if watcher is not None:
-            watcher.finish()  # evaluates the checkpoints not evaluated yet
-        if owns_ray:
-            ray.shutdown()
+    with ray_session(max(os.cpu_count() or 1, math.ceil(wanted))):
+        watcher = BackgroundWatch(evals, run_url).start() if watching else None
+        try:
+            storage_path, storage_fs = ray_storage(launch.ray_storage or f"{run_url}/ray")
+            trainer = build_torch_trainer(
+                config, config.run, storage_path, storage_fs, num_workers=launch.num_workers,
+                cpus_per_worker=launch.cpus_per_worker, use_gpu=resolve_use_gpu(launch.use_gpu),
+                max_failures=launch.max_failures)
+            return trainer.fit()
+        finally:
+            if watcher is not None:
+                watcher.finish()  # evaluates the checkpoints not evaluated yet
 
 
 def _run(job: TrainJob, _args: argparse.Namespace) -> int:
-    from enat.pipelines.shards import ManifestMismatch
-    from enat.pipelines.storage import StorageError
     from enat.trainer import checkpoint
     from enat.trainer.loop import train
 
@@ -119,28 +76,24 @@ def _run(job: TrainJob, _args: argparse.Namespace) -> int:
     launcher = launch.launcher
     if launcher == "auto":
         launcher = "process" if "TORCHELASTIC_RUN_ID" in os.environ else "ray"
-    try:
-        if os.environ.get("RANK", "0") == "0":
-            preflight(config)
-        if launcher == "process":
-            if evals.watch and os.environ.get("RANK", "0") == "0":
-                print("note: eval.watch runs with the Ray launcher only; evaluate this run with "
-                      f"`enat eval watch {checkpoint.run_url(config.root, config.run)} ...`", file=sys.stderr)
-            result = train(config)
-            if result.step == config.steps and os.environ.get("RANK", "0") == "0":
-                print(f"run {config.run} finished at step {result.step}; last checkpoint {result.checkpoint}")
-            return 0
-        import ray.train
+    if os.environ.get("RANK", "0") == "0":
+        preflight(config)
+    if launcher == "process":
+        if evals.watch and os.environ.get("RANK", "0") == "0":
+            print("note: eval.watch runs with the Ray launcher only; evaluate this run with "
+                  f"`enat eval watch {checkpoint.run_url(config.root, config.run)} ...`", file=sys.stderr)
+        result = train(config)
+        if result.step == config.steps and os.environ.get("RANK", "0") == "0":
+            print(f"run {config.run} finished at step {result.step}; last checkpoint {result.checkpoint}")
+        return 0
+    import ray.train
 
-        try:
-            run_on_ray(config, launch, evals)
-        except ray.train.TrainingFailedError as err:
-            print(f"enat: error: training failed after {launch.max_failures} restart(s): "
-                  f"{str(err).splitlines()[0]}", file=sys.stderr)
-            return 1
-    except (ManifestMismatch, StorageError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"enat: error: {err}", file=sys.stderr)
-        return 2
+    try:
+        run_on_ray(config, launch, evals)
+    except ray.train.TrainingFailedError as err:
+        print(f"enat: error: training failed after {launch.max_failures} restart(s): "
+              f"{str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
     last = checkpoint.latest(config.root, config.run)
     print(f"run {config.run} finished at step {last.step if last else '?'}; "
           f"EMA model for evaluation: {last.ema_url if last else 'none'}")

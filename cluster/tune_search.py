@@ -19,7 +19,7 @@ from typing import Any
 from ray import tune
 from ray.tune.search import Searcher
 
-from enat.cluster.ray_session import start_ray
+from enat.cluster.ray_session import ray_session
 from enat.evaluation.schedule_search import AutoNATSearch, Evaluation, from_vector
 from enat.models.strategy import Strategy
 from enat.pipelines import storage
@@ -141,9 +141,9 @@ def run_search(objective_factory: ObjectiveFactory, initial: Strategy, settings:
                seed: int = 0, state_url: str | None = None, hyper=None,
                callbacks: list | None = None, max_temperature: float = 5.0,
                max_cfg: float = 10.0) -> dict[str, Any]:
-    """Run the experiment; returns the best strategy, its FID and per-trial results."""
-    owns_ray = start_ray(quiet=True)
-    try:
+    """Run the experiment; returns the best strategy, its FID and per-trial results. A search
+    started from the CLI leaves no Ray behind (see ray_session)."""
+    with ray_session(quiet=True):
         if searcher == "autonat":
             search = load_or_start(state_url, initial, hyper)
             algorithm: Searcher = AutoNATSearcher(search, updates, state_url)
@@ -181,11 +181,6 @@ def run_search(objective_factory: ObjectiveFactory, initial: Strategy, settings:
         top = min(trials, key=lambda t: t["fid"])
         return {"best": strategy_of(top["config"]), "best_fid": top["fid"], "trials": trials,
                 "history": [], "final": strategy_of(top["config"])}
-    finally:
-        if owns_ray:  # a search started from the CLI leaves no Ray behind
-            import ray
-
-            ray.shutdown()
 
 
 def named_point(strategy: Strategy, low: float = 1e-4) -> dict[str, float]:

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from enat.models.errors import UserError
 from enat.pipelines import shards, storage
 from enat.pipelines.images import RejectedInput, center_crop, decode_image, to_array
 from enat.pipelines.sources import SOURCE_KINDS, plan_source, read_blobs
@@ -31,7 +32,7 @@ TOKENS = "tokens"
 READ_CHUNK = 256  # inputs fetched per storage request group
 
 
-class ImageSetError(ValueError):
+class ImageSetError(UserError, ValueError):
     """An image-set string that names nothing readable."""
 
 
@@ -89,11 +90,11 @@ class ImageSet:
         kind, sep, url = spec.partition(":")
         if sep and kind in (*SOURCE_KINDS, TOKENS) and url:
             return kind, url
-        if spec.endswith(".npz"):
-            return "npz", spec
         if not storage.exists(spec):
             raise ImageSetError(f"image set not found: {spec} (expected a folder of images, token "
                                 f"shards, an .npz with arr_0, or <kind>:<url>)")
+        if spec.endswith(".npz"):
+            return "npz", spec
         if storage.exists(storage.join(spec, shards.MANIFEST_NAME)):
             return TOKENS, spec
         return "folder", spec

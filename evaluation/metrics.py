@@ -40,6 +40,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 from enat.evaluation import features as domain
 from enat.evaluation.image_sets import ImageSet
 from enat.models.device import pick_device
+from enat.models.errors import MissingInput, UserError
 from enat.pipelines import storage
 
 INCEPTION = "inception-v3-compat"
@@ -51,11 +52,11 @@ KID_SUBSET_SIZE = 1000
 IS_SPLITS = 10
 
 
-class ExtractorMismatch(ValueError):
+class ExtractorMismatch(UserError, ValueError):
     """Two results (or a result and stored statistics) from different feature extractors."""
 
 
-class MissingWeights(FileNotFoundError):
+class MissingWeights(MissingInput):
     """The Inception weights are neither at the given path nor in torch-fidelity's cache."""
 
 
@@ -177,7 +178,7 @@ class ReferenceStats:
     def load(cls, url: str) -> ReferenceStats:
         """Ours or an ADM/U-ViT file (mu, sigma only: those are Inception pool3 statistics)."""
         if not storage.exists(url):
-            raise FileNotFoundError(f"no reference statistics at {url}: compute them with `enat fid-stats`")
+            raise MissingInput(f"no reference statistics at {url}: compute them with `enat fid-stats`")
         # np.load on the opened file reads only the arrays asked for, not e.g. 50k images.
         with storage.open_file(url) as handle, np.load(handle, allow_pickle=False) as data:
             if "mu" not in data or "sigma" not in data:
@@ -192,7 +193,7 @@ def is_stats_file(url: str) -> bool:
     if not url.endswith(".npz"):
         return False
     if not storage.exists(url):
-        raise FileNotFoundError(f"reference not found: {url}")
+        raise MissingInput(f"reference not found: {url}")
     with storage.open_file(url) as handle, np.load(handle, allow_pickle=False) as data:
         return "mu" in data.files
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from enat.evaluation.image_sets import decode_to_uint8
 from enat.models.device import bf16_supported, pick_device
+from enat.models.errors import MissingInput, UserError
 from enat.models.generate import generate
 from enat.models.strategy import Strategy
 from enat.pipelines import shards, storage
@@ -43,7 +44,7 @@ EMA_DIR = "ema"
 TRAIN_CONFIG_NAME = "train_config.json"
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError, ValueError):
     """A checkpoint, tokenizer or condition that cannot be sampled from."""
 
 
@@ -86,8 +87,8 @@ def resolve_checkpoint(url: str) -> str:
     ema = storage.join(url, EMA_DIR)
     if storage.exists(storage.join(ema, CONFIG_NAME)):
         return ema
-    raise FileNotFoundError(f"no exported model at {url} or {ema}: pass a checkpoint folder "
-                            f"(runs/<run>/checkpoints/step-<n>) or its ema/ export")
+    raise MissingInput(f"no exported model at {url} or {ema}: pass a checkpoint folder "
+                       f"(runs/<run>/checkpoints/step-<n>) or its ema/ export")
 
 
 def training_manifest(ema_url: str) -> shards.Manifest | None:

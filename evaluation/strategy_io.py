@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import yaml
 
+from enat.models.errors import UserError
 from enat.models.strategy import Strategy
 from enat.pipelines import storage
 
@@ -16,7 +17,7 @@ DEFAULT = "default"
 DEFAULT_STEPS = 8
 
 
-class StrategyError(ValueError):
+class StrategyError(UserError, ValueError):
     """A strategy file that is missing, not YAML, or not a valid strategy."""
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from enat.models import build_config, build_model, config_to_dict
 from enat.models.classifier import DomainNet
 from enat.models.config import ModelConfig
+from enat.models.errors import MissingInput
 from enat.pipelines import storage
 
 WEIGHTS_NAME = "model.safetensors"
@@ -59,8 +60,8 @@ def load_model(url: str, device: str | torch.device = "cpu") -> LoadedModel:
     """The model saved by `save_model`, in eval mode on `device`."""
     config_url = storage.join(url, CONFIG_NAME)
     if not storage.exists(config_url):
-        raise FileNotFoundError(f"no exported model at {url} (expected {CONFIG_NAME} and "
-                                f"{WEIGHTS_NAME}); train or export one first")
+        raise MissingInput(f"no exported model at {url} (expected {CONFIG_NAME} and "
+                           f"{WEIGHTS_NAME}); train or export one first")
     meta = json.loads(storage.read_bytes(config_url))
     config = build_config(meta["model"])
     data = storage.read_bytes(storage.join(url, WEIGHTS_NAME))
@@ -88,8 +89,8 @@ def load_classifier(url: str, device: str | torch.device = "cpu") -> tuple[Domai
     """The classifier saved at `url` (eval mode) and its metadata; the weights must match the id."""
     meta_url = storage.join(url, CLASSIFIER_META)
     if not storage.exists(meta_url):
-        raise FileNotFoundError(f"no domain classifier at {url} (expected {CLASSIFIER_META}); "
-                                f"train one with `enat eval train-features`")
+        raise MissingInput(f"no domain classifier at {url} (expected {CLASSIFIER_META}); "
+                           f"train one with `enat eval train-features`")
     meta = json.loads(storage.read_bytes(meta_url))
     data = storage.read_bytes(storage.join(url, CLASSIFIER_WEIGHTS))
     if classifier_id(data) != meta["id"]:

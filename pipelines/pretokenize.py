@@ -36,6 +36,7 @@ import torch
 import yaml
 
 from enat.models import VQGANConfig, build_config, load_reference_checkpoint
+from enat.models.errors import MissingInput, UserError
 from enat.models.typed_config import ConfigError, check
 from enat.pipelines import shards, storage
 from enat.pipelines.images import (
@@ -56,7 +57,7 @@ REFERENCE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
 DEFAULT_REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs/models/maskgit-vqgan-f16.yaml"
 
 
-class PretokenizeError(RuntimeError):
+class PretokenizeError(UserError, RuntimeError):
     """The job cannot start or finish; the message says what to do."""
 
 
@@ -160,7 +161,7 @@ def load_tokenizer(url: str, config_path: str = "", device: str = "cpu") -> Load
     try:
         data = storage.read_bytes(url)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no tokenizer checkpoint at {url}") from None
+        raise MissingInput(f"no tokenizer checkpoint at {url}") from None
     if url.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 

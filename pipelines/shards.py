@@ -26,14 +26,16 @@ from typing import Any
 
 import numpy as np
 
+from enat.models.errors import MissingInput, UserError
 from enat.pipelines import storage
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class ManifestMismatch(ValueError):
-    """Shards made for another tokenizer/grid/codebook than the model expects."""
+class ManifestMismatch(UserError, ValueError):
+    """Shards that do not fit the job: made for another tokenizer/grid/codebook than the model
+    expects, without the split asked for, or in a manifest format this version cannot read."""
 
 
 @dataclass
@@ -158,7 +160,8 @@ class Manifest:
 
     def shard_urls(self, root: str, split: str = "train") -> list[str]:
         if split not in self.splits:
-            raise ValueError(f"manifest at {root} has no split '{split}' (has: {', '.join(self.splits)})")
+            raise ManifestMismatch(f"manifest at {root} has no split '{split}' "
+                                   f"(has: {', '.join(self.splits)})")
         return [storage.join(root, split, entry["name"]) for entry in self.splits[split]]
 
     def num_samples(self, split: str = "train") -> int:
@@ -175,7 +178,7 @@ class Manifest:
     def from_json(cls, text: str) -> Manifest:
         data = json.loads(text)
         if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported manifest format_version {data.get('format_version')!r}")
+            raise ManifestMismatch(f"unsupported manifest format_version {data.get('format_version')!r}")
         return cls(**data)
 
 
@@ -184,8 +187,8 @@ def read_manifest(root: str) -> Manifest:
     try:
         return Manifest.from_json(storage.read_bytes(url).decode())
     except FileNotFoundError:
-        raise FileNotFoundError(f"no {MANIFEST_NAME} under {root}: pretokenize the data first "
-                                f"(enat pretokenize)") from None
+        raise MissingInput(f"no {MANIFEST_NAME} under {root}: pretokenize the data first "
+                           f"(enat pretokenize)") from None
 
 
 def write_manifest(root: str, manifest: Manifest) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from fsspec.core import strip_protocol
 
+from enat.models.errors import UserError
 from enat.pipelines import storage
 
 SOURCE_KINDS = ("imagenet", "cc3m", "folder")
@@ -36,7 +37,7 @@ CAPTION_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 UNREADABLE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The source is missing, empty, malformed or not readable with our credentials."""
 
 

@@ -24,10 +24,12 @@ from typing import IO, Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from enat.models.errors import UserError
+
 TMP_DIR = "_tmp"
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """Storage is unreachable, refuses our credentials, or the path is wrong."""
 
 

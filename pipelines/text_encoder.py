@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from enat.models.errors import UserError
 from enat.models.typed_config import check
 
 MINILM = "minilm"
@@ -45,7 +46,7 @@ class TextEncoderConfig:
         check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
 
 
-class TextEncoderUnavailable(RuntimeError):
+class TextEncoderUnavailable(UserError, RuntimeError):
     """The chosen encoder's package or weights are not on this machine."""
 
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 
 from enat.models.config import ModelConfig
+from enat.models.errors import UserError
 from enat.pipelines import model_io, storage
 
 MARKER = "checkpoint.json"
@@ -46,7 +47,7 @@ FORMAT_VERSION = 2  # 2: the marker records every file's sha256
 STEP_FOLDER = re.compile(r"step-(\d+)")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is incomplete or does not fit the run that wants to resume from it."""
 
 

@@ -38,7 +38,9 @@ import torch
 from torch import Tensor
 
 from enat.models.config import TransformerConfig
+from enat.models.errors import MissingInput
 from enat.models.layers import Condition
+from enat.models.typed_config import ConfigError
 from enat.pipelines import storage
 from enat.pipelines.shards import (
     Manifest,
@@ -51,7 +53,7 @@ from enat.pipelines.shards import (
 from enat.trainer.config import DataConfig
 
 
-class MissingShards(FileNotFoundError):
+class MissingShards(MissingInput):
     """Shards listed in the manifest are not in storage."""
 
 
@@ -75,8 +77,8 @@ class Dataset:
 def open_dataset(config: DataConfig, model: TransformerConfig) -> Dataset:
     """Read and check the manifest; fail fast on a model mismatch or missing shards."""
     if not config.url:
-        raise ValueError("data.url is empty: set it to the folder holding manifest.json "
-                         "(the one `enat pretokenize` printed)")
+        raise ConfigError("data.url is empty: set it to the folder holding manifest.json "
+                          "(the one `enat pretokenize` printed)")
     manifest = read_manifest(config.url)
     check_compatible(manifest, model.codebook_size, model.grid_shape, config.tokenizer_id)
     if model.text_conditioned:
@@ -93,8 +95,8 @@ def open_dataset(config: DataConfig, model: TransformerConfig) -> Dataset:
                                f"the model only {model.num_classes} (set model.num_classes)")
     entries = manifest.splits.get(config.split)
     if not entries:
-        raise ValueError(f"manifest at {config.url} has no shards in split '{config.split}' "
-                         f"(splits: {', '.join(manifest.splits) or 'none'})")
+        raise ManifestMismatch(f"manifest at {config.url} has no shards in split '{config.split}' "
+                               f"(splits: {', '.join(manifest.splits) or 'none'})")
     urls = manifest.shard_urls(config.url, config.split)
     listed = storage.listdir(storage.join(config.url, config.split))
     present = {u.rstrip("/").rsplit("/", 1)[-1] for u in listed}
