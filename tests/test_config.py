@@ -93,7 +93,8 @@ from enat.cluster.cli import build_parser, main
 build_parser()
 with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
     main(["train", "--help"])
-print(",".join(m for m in ("torch", "deepspeed", "ray", "mlflow", "torch_fidelity", "numpy") if m in sys.modules))
+heavy = ("torch", "deepspeed", "ray", "mlflow", "torch_fidelity", "numpy")
+print(",".join(name for name in heavy if name in sys.modules))
 """
 
 
