@@ -72,8 +72,9 @@ def main() -> int:
     import ray
 
     from enat.cluster.pretokenize_cmd import run_pretokenize
+    from enat.pipelines.config import PretokenizeConfig
     from enat.pipelines.demo_data import list_emoji, write_imagenet_tree
-    from enat.pipelines.pretokenize import PretokenizeConfig, load_tokenizer
+    from enat.pipelines.pretokenize import load_tokenizer
     from enat.pipelines.shards import read_manifest
 
     scratch = Path(tempfile.mkdtemp(prefix="enat-bench-"))

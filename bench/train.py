@@ -80,8 +80,9 @@ def plain_step_time(data: str, args: argparse.Namespace) -> float:
     import torch
 
     from enat.models import build_config, build_model
+    from enat.models.config import MaskingConfig
     from enat.models.device import bf16_supported
-    from enat.models.masking import MaskingConfig, mask_tokens, masked_token_loss
+    from enat.models.masking import mask_tokens, masked_token_loss
     from enat.trainer.config import DataConfig
     from enat.trainer.data import TokenStream, open_dataset
 

@@ -70,7 +70,7 @@ def _demo(config: Any, args: argparse.Namespace) -> int:
 
 def commands() -> dict[str, dict[str, Command]]:
     from enat.cluster.demo import DemoConfig
-    from enat.pipelines.demo_data import DemoDataConfig
+    from enat.pipelines.config import DemoDataConfig
 
     return {
         "": {"demo": Command("run the end-to-end demo on embedded services", DemoConfig, _demo)},

@@ -24,7 +24,8 @@ from typing import Literal
 from enat.cluster import services
 from enat.cluster.demo_summary import write_summary
 from enat.pipelines import storage
-from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
+from enat.pipelines.config import DemoDataConfig
+from enat.pipelines.demo_data import make_demo_data
 
 FRESH_SEED = 1_000_003  # final evaluations: seeds no search trial used
 

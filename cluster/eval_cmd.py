@@ -142,10 +142,7 @@ def _floor(config: FloorConfig, _args: argparse.Namespace) -> int:
 
 
 def commands() -> dict[str, dict[str, Command]]:
-    from enat.evaluation.evaluate import EvalConfig
-    from enat.evaluation.features import FeatureTrainConfig
-    from enat.evaluation.metrics import FidStatsConfig
-    from enat.evaluation.sampling import SampleConfig
+    from enat.evaluation.config import EvalConfig, FeatureTrainConfig, FidStatsConfig, SampleConfig
 
     return {
         "": {

@@ -24,7 +24,8 @@ from typing import Any
 
 from enat.cluster.command import Command
 from enat.cluster.jobs import TrainEvalConfig
-from enat.evaluation.watch import WatchConfig, checkpoints_of, evaluate_step, read_records
+from enat.evaluation.config import WatchConfig
+from enat.evaluation.watch import checkpoints_of, evaluate_step, read_records
 from enat.models.typed_config import check
 
 

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from enat.evaluation.watch import WatchConfig
+from enat.evaluation.config import WatchConfig
 from enat.models.typed_config import ConfigError, check
 from enat.trainer.config import TrainConfig
 

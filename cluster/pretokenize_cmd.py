@@ -22,7 +22,7 @@ from typing import Any
 from enat.cluster.command import Command
 from enat.cluster.ray_session import ray_session
 from enat.models.typed_config import to_dict
-from enat.pipelines.pretokenize import PretokenizeConfig
+from enat.pipelines.config import PretokenizeConfig
 from enat.pipelines.shards import Manifest
 
 DEFAULT_GPU_FRACTION = 0.25

@@ -7,17 +7,22 @@ trainer as a typed VQGANConfig; the trainer checks it against the job config.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from enat.cluster.command import Command
 from enat.cluster.config import preset_path, read_yaml
 from enat.models import VQGANConfig, build_config
 from enat.models.typed_config import ConfigError
 from enat.trainer.config import TokenizerTrainConfig
-from enat.trainer.tokenizer_train import TrainResult, check_model, train_tokenizer
+
+if TYPE_CHECKING:  # the trainer loads torch: only when a job runs
+    from enat.trainer.tokenizer_train import TrainResult
 
 
 def resolve_model(config: TokenizerTrainConfig) -> VQGANConfig:
     """The `model` preset (configs/ name or YAML path) as a validated VQGANConfig."""
+    from enat.trainer.tokenizer_train import check_model
+
     try:
         model_config = build_config(read_yaml(preset_path(config.model)))
     except ConfigError as err:
@@ -26,6 +31,8 @@ def resolve_model(config: TokenizerTrainConfig) -> VQGANConfig:
 
 
 def run_tokenizer_training(config: TokenizerTrainConfig, progress: bool = True) -> TrainResult:
+    from enat.trainer.tokenizer_train import train_tokenizer
+
     return train_tokenizer(config, resolve_model(config), progress=progress)
 
 

@@ -17,11 +17,11 @@ import json
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 from torch import Tensor, nn
 
+from enat.evaluation.config import EvalConfig
 from enat.evaluation.features import class_consistency
 from enat.evaluation.metrics import (
     ReferenceStats,
@@ -41,41 +41,8 @@ from enat.evaluation.sampling import (
 from enat.evaluation.strategy_io import describe_strategy, load_strategy, save_strategy
 from enat.models.flops import generation_flops
 from enat.models.strategy import Strategy
-from enat.models.typed_config import check
 from enat.pipelines import storage
 from enat.pipelines.model_io import CONFIG_NAME
-
-
-@dataclass
-class EvalConfig:
-    checkpoint: str = ""  # runs/<run>/checkpoints/step-<n> (or its ema/ export)
-    reference: str = ""  # stats npz (mu, sigma), an image set or token shards (evaluation/image_sets.py)
-    extractor: str = "inception"  # inception, inception:<weights file>, or a domain extractor URL
-    tokenizer: str = ""  # "" = the one recorded with the checkpoint's data
-    strategy: str = "default"
-    steps: int = 0  # 0: the strategy file's own count (8 for "default")
-    num_samples: int = 1000
-    batch_size: int = 50
-    seed: int = 0
-    captions: str = ""
-    out: str = ""  # where grid.png, strategy.yaml and metrics.json go ("" = a temporary folder)
-    device: str = "auto"
-    precision: str = "auto"
-    reuse: bool = True
-    kid: bool = True
-    isc: bool = True
-    mlflow_experiment: str = "enat-eval"
-    run_name: str = ""  # MLflow run name ("" = <checkpoint folder>-<strategy>)
-    tracking: bool = True
-
-    def __post_init__(self) -> None:
-        check(bool(self.checkpoint), "checkpoint", "a checkpoint folder or ema/ export URL", self.checkpoint)
-        check(bool(self.reference), "reference", "a stats npz, image set or token shards URL", self.reference)
-        check(self.num_samples >= 2, "num_samples", ">= 2 (FID needs a covariance)", self.num_samples)
-        check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
-        check(self.steps >= 0, "steps", ">= 0 (0 = the strategy's own)", self.steps)
-        check(self.precision in ("auto", "bf16", "fp32"), "precision", "auto, bf16 or fp32", self.precision)
-
 
 # Meaningful per extractor only (class consistency: per classifier).
 EXTRACTOR_METRICS = ("fid", "kid", "kid_std", "is", "is_std", "class_consistency", "classifier_real_accuracy")

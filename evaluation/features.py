@@ -16,7 +16,7 @@ Any input size is resized to the training resolution first.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -25,10 +25,10 @@ from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from tqdm import tqdm
 
+from enat.evaluation.config import FeatureTrainConfig
 from enat.evaluation.image_sets import ImageSet, ImageSetError, read_all
 from enat.models.classifier import FEATURE_DIM, DomainNet, normalise_pixels
 from enat.models.device import pick_device
-from enat.models.typed_config import check
 from enat.pipelines import model_io
 from enat.pipelines.sources import SOURCE_KINDS
 
@@ -90,31 +90,6 @@ def register() -> None:
 
     if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(EXTRACTOR_NAME, DomainFeatureExtractor)
-
-
-@dataclass
-class FeatureTrainConfig:
-    data: str = ""  # class-folder tree (imagenet:<url>, or a plain path/URL to one)
-    out: str = ""  # folder (path or URL) that receives extractor.safetensors + extractor.json
-    resolution: int = 32
-    width: int = 16  # channels of the first stage (then 2x, 4x)
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 5e-4
-    holdout: float = 0.1  # share of each class kept out of training to measure accuracy
-    limit: int = 0  # use only the first N images (0 = all): quick checks
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        check(bool(self.data), "data", "a class-folder tree (e.g. /tmp/demo-data/imagenet)", self.data)
-        check(bool(self.out), "out", "a folder path or URL", self.out)
-        check(self.resolution >= 8, "resolution", ">= 8", self.resolution)
-        check(self.width >= 4, "width", ">= 4", self.width)
-        check(self.epochs >= 1, "epochs", ">= 1", self.epochs)
-        check(self.batch_size >= 2, "batch_size", ">= 2 (batch norm)", self.batch_size)
-        check(0.0 <= self.holdout < 0.5, "holdout", "in [0, 0.5)", self.holdout)
 
 
 def stratified_split(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -38,6 +38,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from enat.evaluation import features as domain
+from enat.evaluation.config import FidStatsConfig
 from enat.evaluation.image_sets import ImageSet
 from enat.models.device import pick_device
 from enat.models.errors import MissingInput, UserError
@@ -267,26 +268,6 @@ def real_floor(images: np.ndarray, extractor: Extractor, seed: int = 0, batch_si
     second = ReferenceStats.from_features(features[extractor.fid_layer][half : 2 * half],
                                           extractor.extractor_id)
     return metrics_from_features(first, second, extractor, seed=seed)
-
-
-@dataclass
-class FidStatsConfig:
-    images: str = ""  # image set or token shards (see evaluation/image_sets.py)
-    out: str = ""  # the .npz to write (path or URL)
-    extractor: str = "inception"
-    resolution: int = 256  # images are center-cropped to this size first (ADM)
-    tokenizer: str = ""  # for token shards whose manifest records no tokenizer_url
-    limit: int = 0  # first N images only (0 = all)
-    batch_size: int = 64
-    keep_features: bool = True  # store the features too, so KID can use these stats
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        from enat.models.typed_config import check
-
-        check(bool(self.images), "images", "an image set or token shards URL", self.images)
-        check(self.out.endswith(".npz"), "out", "a path or URL ending in .npz", self.out)
-        check(self.resolution >= 8, "resolution", ">= 8", self.resolution)
 
 
 def compute_fid_stats(config: FidStatsConfig) -> ReferenceStats:

@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from enat.evaluation.config import SampleConfig
 from enat.evaluation.image_sets import decode_to_uint8
 from enat.models.device import bf16_supported, pick_device
 from enat.models.errors import MissingInput, UserError
@@ -137,7 +138,8 @@ def load_sampler(checkpoint: str, tokenizer: str = "", device: str = "auto", pre
                             f"{loaded.config.codebook_size}: pass the tokenizer the model was trained with")
     encoder = None
     if loaded.config.text_conditioned:
-        from enat.pipelines.text_encoder import TextEncoder, TextEncoderConfig
+        from enat.pipelines.config import TextEncoderConfig
+        from enat.pipelines.text_encoder import TextEncoder
 
         encoder = TextEncoder(TextEncoderConfig(name=text_encoder, max_len=loaded.config.context_len),
                               device=str(torch_device))
@@ -289,37 +291,6 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-@dataclass
-class SampleConfig:
-    checkpoint: str = ""  # runs/<run>/checkpoints/step-<n> (or its ema/ export)
-    tokenizer: str = ""  # exported VQGAN; "" = the one recorded with the checkpoint's data
-    strategy: str = "default"  # "default" or an AutoNAT-format YAML path/URL
-    steps: int = 0  # 0: the strategy file's own count (8 for "default")
-    num_samples: int = 100
-    batch_size: int = 50
-    seed: int = 0
-    captions: str = ""  # text file, one caption per line, optionally `<TAB>class name` (text models)
-    text_encoder: str = "minilm"  # see pipelines/text_encoder.py
-    out: str = "samples"  # folder (path or URL): images/, samples.npz, grid.png, sample.json
-    png: bool = True
-    npz: bool = True  # ADM's sample-batch format: arr_0 uint8 [N, H, W, 3], arr_1 labels
-    grid_rows: int = 10
-    grid_columns: int = 8
-    device: str = "auto"
-    precision: str = "auto"  # auto (bf16 where native), bf16 or fp32
-    reuse: bool = True  # ENAT's feature reuse across steps (False: the ablation)
-
-    def __post_init__(self) -> None:
-        from enat.models.typed_config import check
-
-        check(bool(self.checkpoint), "checkpoint", "a checkpoint folder or ema/ export URL", self.checkpoint)
-        check(self.num_samples >= 1, "num_samples", ">= 1", self.num_samples)
-        check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
-        check(self.steps >= 0, "steps", ">= 0 (0 = the strategy's own)", self.steps)
-        check(self.precision in ("auto", "bf16", "fp32"), "precision", "auto, bf16 or fp32", self.precision)
-        check(self.grid_rows >= 1 and self.grid_columns >= 1, "grid_rows", ">= 1", self.grid_rows)
 
 
 def _read_png(url: str) -> np.ndarray:

@@ -14,46 +14,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from typing import Any
 
-from enat.models.typed_config import check
+from enat.evaluation.config import WatchConfig
 from enat.pipelines import storage
 
 EVALS_DIR = "evals"
 RECORD = re.compile(r"step-(\d+)\.json")
 TRACKING_FILE = "tracking.json"  # written by the training loop: {"mlflow_run_id": ...}
-
-
-@dataclass
-class WatchConfig:
-    run: str = ""  # the training run's folder, {root}/runs/<run>
-    reference: str = ""  # stats npz, image set or token shards (evaluation/image_sets.py)
-    extractor: str = "inception"  # inception, inception:<weights file>, or a domain extractor URL
-    strategy: str = "default"
-    steps: int = 0  # generation steps; 0: the strategy's own (8 for "default")
-    num_samples: int = 1000
-    batch_size: int = 50
-    seed: int = 0  # the same seed at every step, so the FID curve measures the weights
-    captions: str = ""  # text-conditioned runs: a captions file to sample from
-    follow: bool = True  # keep watching until the run's last step is evaluated; false: one pass
-    poll_seconds: float = 10.0
-    idle_timeout: float = 0.0  # stop after this long without a new checkpoint; 0 = never
-    max_in_flight: int = 1  # evaluations running at once
-    num_cpus: float = 1.0  # Ray resources of one evaluation task
-    num_gpus: float = 0.25  # used only when the cluster has GPUs: a share of one beside training
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        check(bool(self.reference), "reference", "a stats npz, image set or token shards URL", self.reference)
-        check(self.num_samples >= 2, "num_samples", ">= 2 (FID needs a covariance)", self.num_samples)
-        check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
-        check(self.steps >= 0, "steps", ">= 0 (0 = the strategy's own)", self.steps)
-        check(self.poll_seconds > 0, "poll_seconds", "> 0", self.poll_seconds)
-        check(self.idle_timeout >= 0, "idle_timeout", ">= 0 (0 = never)", self.idle_timeout)
-        check(self.max_in_flight >= 1, "max_in_flight", ">= 1", self.max_in_flight)
-        check(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus/num_gpus", ">= 0",
-              (self.num_cpus, self.num_gpus))
 
 
 def evals_url(run_url: str) -> str:

@@ -23,22 +23,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from enat.models.typed_config import check
+from enat.pipelines.config import DemoDataConfig
 
 COMPLETE_MARKER = ".complete"
 FORMAT_VERSION = 1
-
-
-@dataclass
-class DemoDataConfig:
-    out: str = "demo-data"
-    cc3m_shard_size: int = 500
-    limit: int = 0  # keep only the first N emoji (0 = all); for quick experiments
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check(self.cc3m_shard_size > 0, "cc3m_shard_size", "> 0", self.cc3m_shard_size)
-        check(self.limit >= 0, "limit", ">= 0 (0 = all)", self.limit)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Decompression-bomb guard: checked from the header, before any pixel is decoded.
-DEFAULT_MAX_PIXELS = 12_000 * 12_000
-DEFAULT_MIN_SIDE = 8
+from enat.pipelines.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 
 class RejectedInput(ValueError):

@@ -26,10 +26,10 @@ import hashlib
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,20 +37,14 @@ import yaml
 
 from enat.models import VQGANConfig, build_config, load_reference_checkpoint
 from enat.models.errors import MissingInput, UserError
-from enat.models.typed_config import ConfigError, check
+from enat.models.typed_config import ConfigError
 from enat.pipelines import shards, storage
-from enat.pipelines.images import (
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MIN_SIDE,
-    RejectedInput,
-    center_crop,
-    decode_image,
-    to_array,
-)
+from enat.pipelines.config import NONE, PretokenizeConfig, TextEncoderConfig
+from enat.pipelines.images import RejectedInput, center_crop, decode_image, to_array
 from enat.pipelines.model_io import LoadedModel, load_model
 from enat.pipelines.shards import Manifest, TokenSample
 from enat.pipelines.sources import Blob, InputItem, Plan, check_source, plan_source, read_blobs
-from enat.pipelines.text_encoder import NONE, TextEncoder, TextEncoderConfig, describe
+from enat.pipelines.text_encoder import TextEncoder, describe
 
 PARTS_DIR = "_parts"
 REFERENCE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
@@ -59,46 +53,6 @@ DEFAULT_REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs/models
 
 class PretokenizeError(UserError, RuntimeError):
     """The job cannot start or finish; the message says what to do."""
-
-
-@dataclass
-class PretokenizeConfig:
-    source: str = ""  # imagenet:<url> | cc3m:<url> | folder:<url>
-    out: str = ""  # output root: <out>/<split>/shard-*.tar and <out>/manifest.json
-    tokenizer: str = ""  # exported tokenizer folder, or a MaskGIT VQGAN checkpoint file
-    tokenizer_config: str = ""  # VQGAN preset for a checkpoint file (default maskgit-vqgan-f16)
-    split: str = "train"
-    resolution: int = 0  # 0 = the tokenizer's image_size
-    flip: bool = False  # also store the mirrored image's ids as <key>.flip.tokens.npy
-    shard_size: int = 1000
-    batch_size: int = 32  # images per tokenizer forward
-    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # caption sources only
-    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, from the header
-    min_side: int = DEFAULT_MIN_SIDE
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    verify: bool = False  # on resume, re-hash finished shards against their records
-    # Execution (the Ray driver): shard tasks at once (0 = as many as the cluster's CPUs
-    # allow), their resources, and retries of failed tasks.
-    workers: int = 0
-    cpus_per_task: int = 1
-    gpus_per_task: float | None = None  # None: 0.25 on a cluster with GPUs, else 0
-    max_retries: int = 3
-    track: bool = True  # an MLflow run per job (MLFLOW_TRACKING_URI)
-    experiment: str = "pretokenize"
-
-    def __post_init__(self) -> None:
-        check(self.resolution >= 0, "resolution", ">= 0 (0 = the tokenizer's)", self.resolution)
-        for key in ("shard_size", "batch_size", "cpus_per_task", "min_side", "max_pixels"):
-            check(getattr(self, key) >= 1, key, ">= 1", getattr(self, key))
-        check(self.workers >= 0, "workers", ">= 0 (0 = all CPUs)", self.workers)
-        check(self.max_retries >= 0, "max_retries", ">= 0", self.max_retries)
-
-    def require(self) -> None:
-        """The keys a job needs (optional for `--inspect`)."""
-        for key, example in (("source", "imagenet:/data/imagenet"), ("out", "s3://bucket/tokens"),
-                             ("tokenizer", "s3://bucket/tokenizers/vq")):
-            if not getattr(self, key):
-                raise ConfigError(f"missing required key '{key}' (e.g. {key}={example})")
 
 
 @dataclass(frozen=True)

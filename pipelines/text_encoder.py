@@ -19,31 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from enat.models.errors import UserError
-from enat.models.typed_config import check
+from enat.pipelines.config import MINILM, TextEncoderConfig
 
-MINILM = "minilm"
-NONE = "none"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-@dataclass
-class TextEncoderConfig:
-    name: str = MINILM  # "minilm", "clip:<local folder>" or "none"
-    max_len: int = 32  # tokens kept per caption (including the start/end tokens)
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        check(self.name in (MINILM, NONE) or self.name.startswith("clip:"), "name",
-              "'minilm', 'none' or 'clip:<local folder>'", self.name)
-        check(self.max_len >= 2, "max_len", ">= 2", self.max_len)
-        check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
 
 
 class TextEncoderUnavailable(UserError, RuntimeError):

@@ -91,7 +91,8 @@ def small_extractor(tmp_path_factory) -> str:
     """`enat eval train-features` on 200 demo images, one epoch: a real registered domain
     extractor, quick to train (its accuracy does not matter to the tests using it)."""
     from enat.cluster.cli import main
-    from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
+    from enat.pipelines.config import DemoDataConfig
+    from enat.pipelines.demo_data import make_demo_data
 
     root = tmp_path_factory.mktemp("features")
     make_demo_data(DemoDataConfig(out=str(root / "data"), limit=200))

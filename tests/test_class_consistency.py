@@ -9,17 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from enat.evaluation.config import FeatureTrainConfig
 from enat.evaluation.evaluate import class_targets, sample_targets
-from enat.evaluation.features import (
-    FeatureTrainConfig,
-    class_consistency,
-    stratified_split,
-    train_domain_extractor,
-)
+from enat.evaluation.features import class_consistency, stratified_split, train_domain_extractor
 from enat.evaluation.image_sets import ImageSet, ImageTensors, read_all
 from enat.evaluation.metrics import extract_features, load_extractor
 from enat.evaluation.sampling import Conditions, read_captions
-from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
+from enat.pipelines.config import DemoDataConfig
+from enat.pipelines.demo_data import make_demo_data
 
 pytestmark = pytest.mark.slow
 

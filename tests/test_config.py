@@ -93,7 +93,7 @@ from enat.cluster.cli import build_parser, main
 build_parser()
 with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
     main(["train", "--help"])
-heavy = ("torch", "deepspeed", "ray", "mlflow", "torch_fidelity", "numpy")
+heavy = ("torch", "deepspeed", "ray", "mlflow", "torch_fidelity", "pyarrow")
 print(",".join(name for name in heavy if name in sys.modules))
 """
 

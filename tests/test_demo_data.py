@@ -7,7 +7,8 @@ from pathlib import Path
 
 import webdataset as wds
 
-from enat.pipelines.demo_data import DemoDataConfig, list_emoji, make_demo_data
+from enat.pipelines.config import DemoDataConfig
+from enat.pipelines.demo_data import list_emoji, make_demo_data
 
 
 def _tree(root: Path) -> dict[str, bytes]:

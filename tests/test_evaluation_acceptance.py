@@ -19,15 +19,18 @@ import numpy as np
 import pytest
 import torch
 
+from enat.evaluation.config import FeatureTrainConfig
 from enat.evaluation.evaluate import evaluate_checkpoint
-from enat.evaluation.features import FeatureTrainConfig, train_domain_extractor
+from enat.evaluation.features import train_domain_extractor
 from enat.evaluation.image_sets import ImageSet, read_all
 from enat.evaluation.metrics import load_extractor, real_floor
 from enat.models import ENATConfig, VQGANConfig, build_model
-from enat.models.masking import MaskingConfig, mask_tokens, masked_token_loss, previous_step_input
+from enat.models.config import MaskingConfig
+from enat.models.masking import mask_tokens, masked_token_loss, previous_step_input
 from enat.models.strategy import Strategy
 from enat.pipelines import storage
-from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
+from enat.pipelines.config import DemoDataConfig
+from enat.pipelines.demo_data import make_demo_data
 from enat.pipelines.model_io import load_model, save_model
 from enat.pipelines.pretokenize import encode_images
 from enat.pipelines.shards import Manifest, TokenSample, shard_name, write_manifest, write_shard

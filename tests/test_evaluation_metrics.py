@@ -14,11 +14,11 @@ import torch_fidelity
 from PIL import Image
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from enat.evaluation.features import EXTRACTOR_NAME, FeatureTrainConfig, train_domain_extractor
+from enat.evaluation.config import FeatureTrainConfig, FidStatsConfig
+from enat.evaluation.features import EXTRACTOR_NAME, train_domain_extractor
 from enat.evaluation.image_sets import ImageSet, ImageTensors, read_all
 from enat.evaluation.metrics import (
     ExtractorMismatch,
-    FidStatsConfig,
     MissingWeights,
     ReferenceStats,
     check_same_extractor,
@@ -29,7 +29,8 @@ from enat.evaluation.metrics import (
     real_floor,
     reference_stats,
 )
-from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
+from enat.pipelines.config import DemoDataConfig
+from enat.pipelines.demo_data import make_demo_data
 from enat.pipelines.model_io import CLASSIFIER_WEIGHTS
 
 pytestmark = pytest.mark.slow

@@ -103,9 +103,11 @@ def test_fsq_tokenizer_round_trips_through_pretokenize_train_and_sample(tmp_path
     import numpy as np
     from test_evaluation_acceptance import model_config, pretokenize, train_tiny_enat
 
-    from enat.evaluation.sampling import SampleConfig, run_sample
+    from enat.evaluation.config import SampleConfig
+    from enat.evaluation.sampling import run_sample
     from enat.models import build_model
-    from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
+    from enat.pipelines.config import DemoDataConfig
+    from enat.pipelines.demo_data import make_demo_data
     from enat.pipelines.model_io import load_model, save_model
     from enat.pipelines.shards import read_manifest, read_shard
     from enat.trainer.config import TokenizerTrainConfig

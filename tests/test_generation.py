@@ -8,14 +8,9 @@ import pytest
 import torch
 
 from enat.models import ENATConfig, NATConfig, build_model
+from enat.models.config import MaskingConfig
 from enat.models.generate import generate
-from enat.models.masking import (
-    MaskingConfig,
-    mask_tokens,
-    masked_token_loss,
-    previous_step_input,
-    sample_beta,
-)
+from enat.models.masking import mask_tokens, masked_token_loss, previous_step_input, sample_beta
 from enat.models.strategy import Strategy
 
 TINY = dict(codebook_size=32, grid_size=4, width=32, heads=2, num_classes=3)

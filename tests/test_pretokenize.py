@@ -30,21 +30,14 @@ from enat.cluster.cli import main as cli_main
 from enat.cluster.pretokenize_cmd import inspect_output, reason_kind, run_pretokenize, run_shards
 from enat.models import build_config, build_model
 from enat.pipelines import storage
+from enat.pipelines.config import PretokenizeConfig, TextEncoderConfig
 from enat.pipelines.demo_data import list_emoji, write_cc3m_tars, write_imagenet_tree
 from enat.pipelines.images import center_crop, decode_image, to_array
 from enat.pipelines.model_io import load_model, save_model
-from enat.pipelines.pretokenize import (
-    PretokenizeConfig,
-    PretokenizeError,
-    ShardTask,
-    finish,
-    prepare,
-    process_shard,
-)
+from enat.pipelines.pretokenize import PretokenizeError, ShardTask, finish, prepare, process_shard
 from enat.pipelines.shards import read_manifest, read_shard
 from enat.pipelines.sources import SourceError, plan_source
 from enat.pipelines.storage import StorageError
-from enat.pipelines.text_encoder import TextEncoderConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_TOKENIZER = REPO_ROOT / "configs" / "models" / "tiny-tokenizer.yaml"

@@ -19,7 +19,8 @@ import pytest
 from enat.cluster.services import free_port, pid_alive
 from enat.cluster.submit import checkout_package, entrypoint, job_environment
 from enat.models import VQGANConfig, build_model
-from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
+from enat.pipelines.config import DemoDataConfig
+from enat.pipelines.demo_data import make_demo_data
 from enat.pipelines.model_io import save_model
 
 BIN = Path(sys.executable).parent

@@ -19,7 +19,8 @@ from enat.cluster.tokenizer_cmd import resolve_model
 from enat.models.classifier import DomainNet, FeatureDistance
 from enat.models.typed_config import ConfigError
 from enat.pipelines import storage
-from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
+from enat.pipelines.config import DemoDataConfig
+from enat.pipelines.demo_data import make_demo_data
 from enat.pipelines.model_io import load_model, save_classifier
 from enat.trainer import checkpoint
 from enat.trainer.config import TokenizerTrainConfig
@@ -303,7 +304,8 @@ def test_demo_configuration_quality(tmp_path, mlflow_db) -> None:
     (pixel losses alone: 21.33 dB, but reconstruction FID 5.60 instead of 2.35; see
     configs/models/tiny-tokenizer.yaml), so the bounds are 20.3 dB, >= 90% usage and a
     perplexity of at least half the codebook."""
-    from enat.evaluation.features import FeatureTrainConfig, train_domain_extractor
+    from enat.evaluation.config import FeatureTrainConfig
+    from enat.evaluation.features import train_domain_extractor
 
     data = make_demo_data(DemoDataConfig(out=str(tmp_path / "demo")), progress=False)
     perceptual = str(tmp_path / "perceptual")

@@ -271,7 +271,8 @@ def test_enat_ranks_share_mask_counts_but_draw_their_own_positions():
     """Every rank builds ENAT's graph from the same counts (ZeRO needs one graph), while
     each rank masks its own positions: a 2-rank batch holds as many masking patterns as a
     one-process batch of the same size. NAT draws everything per rank."""
-    from enat.models.masking import MaskingConfig, mask_tokens, previous_step_input
+    from enat.models.config import MaskingConfig
+    from enat.models.masking import mask_tokens, previous_step_input
     from enat.trainer.loop import masking_generators
 
     ids = torch.randint(0, 64, (8, 64))

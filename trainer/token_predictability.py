@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from enat.models import UViT
-from enat.models.config import NATConfig
-from enat.models.masking import MaskingConfig, mask_tokens, masked_token_loss
+from enat.models.config import MaskingConfig, NATConfig
+from enat.models.masking import mask_tokens, masked_token_loss
 
 
 def unigram_entropy(ids: Tensor, codebook_size: int) -> float:
