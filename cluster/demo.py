@@ -23,7 +23,7 @@ from typing import Literal
 
 from enat.cluster import services
 from enat.cluster.demo_summary import write_summary
-from enat.pipelines import storage
+from enat.pipelines import runs, storage
 from enat.pipelines.demo_data import DemoDataConfig, make_demo_data
 
 FRESH_SEED = 1_000_003  # final evaluations: seeds no search trial used
@@ -135,22 +135,22 @@ class DemoPaths:
         root, work = config.root, config.work_dir
         self.images = os.path.join(config.data.out, "imagenet")
         self.captions_tars = os.path.join(config.data.out, "cc3m")
-        self.tokenizer = storage.join(root, "runs", "tokenizer", "export")
+        self.tokenizer = storage.join(runs.run_url(root, "tokenizer"), "export")
         self.extractor = storage.join(root, "extractor")
         self.perceptual = storage.join(root, "perceptual")
         self.tokens = storage.join(root, "tokens", "imagenet")
         self.text_tokens = storage.join(root, "tokens", "cc3m")
         self.reference = storage.join(root, "reference", "imagenet-domain.npz")
         self.floor = os.path.join(work, "floor.json")
-        self.run = storage.join(root, "runs", "tiny-enat-demo")
-        self.nat_run = storage.join(root, "runs", "tiny-nat-demo")
-        self.text_run = storage.join(root, "runs", "tiny-enat-text-demo")
+        self.run = runs.run_url(root, "tiny-enat-demo")
+        self.nat_run = runs.run_url(root, "tiny-nat-demo")
+        self.text_run = runs.run_url(root, "tiny-enat-text-demo")
         self.evals = os.path.join(work, "eval")
         self.captions = os.path.join(work, "captions.txt")
         self.logs = Path(work) / "logs"
 
     def checkpoint(self, run_url: str, step: int) -> str:
-        return storage.join(run_url, "checkpoints", f"step-{step}")
+        return runs.step_url(*runs.split_run_url(run_url), step)
 
     def search(self, steps: int) -> str:
         return storage.join(self.run, "search", f"autonat-{steps}")
@@ -213,7 +213,7 @@ def stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
                f"eval.num_samples={config.watch_samples}", f"eval.batch_size={config.watch_samples}",
                "eval.num_cpus=0.5"]),
         Stage("tiny NAT training (the baseline: same width, depth, shards and steps)",
-              _exists(storage.join(nat_final, "checkpoint.json")),
+              _exists(storage.join(nat_final, runs.MARKER)),
               ["train", "--config", "tiny-nat-demo", f"root={config.root}", f"data.url={paths.tokens}",
                f"steps={config.train_steps}", f"checkpoint_every={config.checkpoint_every}"]),
     ]
@@ -252,7 +252,7 @@ def text_stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
     out = os.path.join(paths.evals, "text")
     return [
         Stage("tiny text-to-image ENAT training on the CC3M-style shards",
-              _exists(storage.join(final, "checkpoint.json")),
+              _exists(storage.join(final, runs.MARKER)),
               ["train", "--config", "tiny-enat-text-demo", f"root={config.root}",
                f"data.url={paths.text_tokens}", f"steps={config.text_steps}"]),
         Stage("text-to-image evaluation from captions", _evaluated_to(out),

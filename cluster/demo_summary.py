@@ -13,7 +13,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
-from enat.pipelines import storage
+from enat.pipelines import runs, storage
 
 if TYPE_CHECKING:
     from enat.cluster.demo import DemoConfig, DemoPaths
@@ -59,7 +59,7 @@ def training_figures(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
         figures["unigram_entropy"] = unigram_entropy(torch.from_numpy(np.stack(ids)), manifest.codebook_size)
         figures["uniform_entropy"] = math.log(manifest.codebook_size)
     for name, run in (("enat", paths.run), ("nat", paths.nat_run)):
-        marker = storage.join(paths.checkpoint(run, config.train_steps), "checkpoint.json")
+        marker = storage.join(paths.checkpoint(run, config.train_steps), runs.MARKER)
         if metrics := _json(marker).get("metrics"):
             figures[name] = {"loss": metrics.get("loss"), "val_loss": metrics.get("val_loss")}
     return figures

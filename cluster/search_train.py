@@ -101,7 +101,7 @@ def _trial(params: dict[str, Any]) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from enat.cluster.train_cmd import _ray_worker, ray_storage
-    from enat.trainer import checkpoint
+    from enat.pipelines import runs
 
     search, launch = params["search"], params["launch"]
     config = trial_config(params["base"], search, params, ray.tune.get_context().get_trial_id())
@@ -116,7 +116,7 @@ def _trial(params: dict[str, Any]) -> None:
                                  storage_filesystem=storage_fs,
                                  failure_config=FailureConfig(max_failures=launch["max_failures"])))
         trainer.fit()
-        reached = checkpoint.latest(config["root"], config["run"])  # its marker holds the metrics
+        reached = runs.latest(config["root"], config["run"])  # its marker holds the metrics
         ray.tune.report({"step": reached.step, "val_loss": reached.meta["metrics"]["val_loss"],
                          "loss": reached.meta["metrics"].get("loss"), "checkpoint_url": reached.url})
 
@@ -129,10 +129,9 @@ def run_search_train(config: Any, launch: Any, search: TrainSearchConfig) -> dic
 
     from enat.cluster.ray_session import cluster_has_gpus, start_ray
     from enat.cluster.train_cmd import ray_storage
-    from enat.pipelines import storage
-    from enat.trainer import checkpoint
+    from enat.pipelines import runs, storage
 
-    experiment_url = checkpoint.run_url(config.root, search.name)
+    experiment_url = runs.run_url(config.root, search.name)
     storage.check_writable(experiment_url)
     # A local Ray gets one trial_slot per concurrent trial; a cluster's nodes declare theirs
     # (see the README), and a Ray the caller started must have them.

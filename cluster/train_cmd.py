@@ -89,13 +89,12 @@ def preflight(config: TrainConfig) -> None:
     """Fail before any worker starts: storage permission, manifest vs model, missing shards,
     the checkpoint named by resume=."""
     from enat.models import build_config
-    from enat.pipelines import storage
-    from enat.trainer import checkpoint
+    from enat.pipelines import runs, storage
     from enat.trainer.data import open_dataset
 
-    storage.check_writable(checkpoint.run_url(config.root, config.run))
+    storage.check_writable(runs.run_url(config.root, config.run))
     open_dataset(config.data, build_config(config.model))
-    checkpoint.resume_target(config.root, config.run, config.resume)
+    runs.resume_target(config.root, config.run, config.resume)
 
 
 def ray_storage(url: str) -> tuple[str, Any]:
@@ -138,12 +137,12 @@ def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig
 
     from enat.cluster.eval_watch import BackgroundWatch
     from enat.cluster.ray_session import cluster_has_gpus, start_ray
-    from enat.trainer import checkpoint
+    from enat.pipelines import runs
 
     watching = evals is not None and evals.watch
     wanted = launch.num_workers * launch.cpus_per_worker + (evals.num_cpus if watching else 0)
     owns_ray = start_ray(max(os.cpu_count() or 1, math.ceil(wanted)))
-    run_url = checkpoint.run_url(config.root, config.run)
+    run_url = runs.run_url(config.root, config.run)
     watcher = BackgroundWatch(evals, run_url).start() if watching else None
     try:
         use_gpu = launch.use_gpu == "yes" or (launch.use_gpu == "auto" and cluster_has_gpus())
@@ -166,9 +165,9 @@ def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig
 
 
 def _run(_config: Any, args: argparse.Namespace) -> int:
+    from enat.pipelines import runs
     from enat.pipelines.shards import ManifestMismatch
     from enat.pipelines.storage import StorageError
-    from enat.trainer import checkpoint
     from enat.trainer.loop import train
 
     config, launch, evals = load_train_config(args.config, args.overrides)
@@ -181,7 +180,7 @@ def _run(_config: Any, args: argparse.Namespace) -> int:
         if launcher == "process":
             if evals.watch and os.environ.get("RANK", "0") == "0":
                 print("note: eval.watch runs with the Ray launcher only; evaluate this run with "
-                      f"`enat eval watch {checkpoint.run_url(config.root, config.run)} ...`", file=sys.stderr)
+                      f"`enat eval watch {runs.run_url(config.root, config.run)} ...`", file=sys.stderr)
             result = train(config)
             if result.step == config.steps and os.environ.get("RANK", "0") == "0":
                 print(f"run {config.run} finished at step {result.step}; last checkpoint {result.checkpoint}")
@@ -194,10 +193,10 @@ def _run(_config: Any, args: argparse.Namespace) -> int:
             print(f"enat: error: training failed after {launch.max_failures} restart(s): "
                   f"{str(err).splitlines()[0]}", file=sys.stderr)
             return 1
-    except (ManifestMismatch, StorageError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as err:
+    except (ManifestMismatch, StorageError, runs.CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"enat: error: {err}", file=sys.stderr)
         return 2
-    last = checkpoint.latest(config.root, config.run)
+    last = runs.latest(config.root, config.run)
     print(f"run {config.run} finished at step {last.step if last else '?'}; "
           f"EMA model for evaluation: {last.ema_url if last else 'none'}")
     return 0

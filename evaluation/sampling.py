@@ -36,11 +36,8 @@ from enat.evaluation.image_sets import decode_to_uint8
 from enat.models.device import bf16_supported, pick_device
 from enat.models.generate import generate
 from enat.models.strategy import Strategy
-from enat.pipelines import shards, storage
+from enat.pipelines import runs, shards, storage
 from enat.pipelines.model_io import CONFIG_NAME, load_model
-
-EMA_DIR = "ema"
-TRAIN_CONFIG_NAME = "train_config.json"
 
 
 class SamplingError(ValueError):
@@ -83,7 +80,7 @@ def resolve_checkpoint(url: str) -> str:
     """The exported EMA folder of `url` (a step-<n> folder or the export itself)."""
     if storage.exists(storage.join(url, CONFIG_NAME)):
         return url
-    ema = storage.join(url, EMA_DIR)
+    ema = storage.join(url, runs.EMA_DIR)
     if storage.exists(storage.join(ema, CONFIG_NAME)):
         return ema
     raise FileNotFoundError(f"no exported model at {url} or {ema}: pass a checkpoint folder "
@@ -93,8 +90,8 @@ def resolve_checkpoint(url: str) -> str:
 def training_manifest(ema_url: str) -> shards.Manifest | None:
     """The manifest of the shards the checkpoint at `ema_url` was trained on, when its step
     folder's train_config.json names them and they still exist."""
-    step_url = ema_url.rstrip("/").removesuffix(f"/{EMA_DIR}")
-    train_config = storage.join(step_url, TRAIN_CONFIG_NAME)
+    step_url = ema_url.rstrip("/").removesuffix(f"/{runs.EMA_DIR}")
+    train_config = storage.join(step_url, runs.TRAIN_CONFIG_NAME)
     data_url = ""
     if step_url != ema_url.rstrip("/") and storage.exists(train_config):
         data_url = json.loads(storage.read_bytes(train_config)).get("data", {}).get("url", "")

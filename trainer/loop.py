@@ -43,7 +43,7 @@ from enat.models.device import bf16_supported
 from enat.models.layers import drop_condition
 from enat.models.masking import MaskingConfig, mask_tokens, masked_token_loss, previous_step_input
 from enat.models.typed_config import ConfigError, check, from_dict, to_dict
-from enat.pipelines import storage
+from enat.pipelines import runs, storage
 from enat.pipelines.tracking import Tracker
 from enat.trainer import checkpoint
 from enat.trainer.data import Batch, DataConfig, StreamPosition, TokenStream, open_dataset
@@ -203,7 +203,7 @@ class Trainer:
 
     # -- start: resume, tracking ---------------------------------------------------------
 
-    def _resume_target(self) -> checkpoint.Checkpoint | None:
+    def _resume_target(self) -> runs.Checkpoint | None:
         """Rank 0 decides (and cleans up crash leftovers); everyone gets the same answer."""
         config, found = self.config, [None]
         if self.rank == 0:
@@ -211,8 +211,8 @@ class Trainer:
             if removed:
                 print(f"removed {len(removed)} incomplete checkpoint folder(s): {', '.join(removed)}")
             try:
-                found = [checkpoint.resume_target(config.root, config.run, config.resume)]
-            except checkpoint.CheckpointError as err:
+                found = [runs.resume_target(config.root, config.run, config.resume)]
+            except runs.CheckpointError as err:
                 found = [err]
         dist.broadcast_object_list(found, src=0)
         if isinstance(found[0], Exception):
@@ -221,7 +221,7 @@ class Trainer:
 
     def _start_tracking(self) -> None:
         config = self.config
-        tracking_url = storage.join(checkpoint.run_url(config.root, config.run), "tracking.json")
+        tracking_url = storage.join(runs.run_url(config.root, config.run), "tracking.json")
         run_id = json.loads(storage.read_bytes(tracking_url))["mlflow_run_id"] \
             if config.tracking and storage.exists(tracking_url) else None
         tags = {"enat.run": config.run, "enat.root": config.root, "enat.model": self.kind}
@@ -305,7 +305,7 @@ class Trainer:
         config = self.config
         if self.val_batch is not None:
             self._validate(step)
-        url = checkpoint.step_url(config.root, config.run, step)
+        url = runs.step_url(config.root, config.run, step)
         saved = checkpoint.save(url, step, self.engine, self.ema.model, self.export_config,
                                 self.stream.position().to_dict(), to_dict(config),
                                 meta={"zero_stage": config.zero_stage, "model": self.model_dict,
@@ -334,8 +334,8 @@ class Trainer:
             except checkpoint.CorruptCheckpoint as err:
                 # Every rank got the same error (load checks collectively); only the run's
                 # own checkpoints have an earlier one to fall back to.
-                target = checkpoint.previous(target, config.root, config.run) \
-                    if target.url.startswith(checkpoint.checkpoints_url(config.root, config.run)) else None
+                target = runs.previous(target, config.root, config.run) \
+                    if target.url.startswith(runs.checkpoints_url(config.root, config.run)) else None
                 if target is None:
                     raise
                 if self.rank == 0:

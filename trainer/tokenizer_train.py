@@ -48,7 +48,7 @@ from enat.models import VQGAN, VQGANConfig, config_to_dict
 from enat.models.classifier import FeatureDistance
 from enat.models.device import pick_device
 from enat.models.typed_config import ConfigError, check, to_dict
-from enat.pipelines import model_io, storage
+from enat.pipelines import model_io, runs, storage
 from enat.pipelines.tracking import Tracker
 from enat.trainer import checkpoint
 from enat.trainer.image_data import ImageSet, load_image_set
@@ -130,7 +130,7 @@ class TokenizerTrainConfig:
 
     @property
     def run_url(self) -> str:
-        return checkpoint.run_url(self.root, self.run)
+        return runs.run_url(self.root, self.run)
 
 
 @dataclass
@@ -151,12 +151,12 @@ def check_model(config: TokenizerTrainConfig, model_config: object) -> VQGANConf
     return model_config
 
 
-# ---- checkpoints (the layout and marker rules of trainer.checkpoint) ----
+# ---- checkpoints (the layout and marker rules of pipelines.runs) ----
 
 def save_checkpoint(config: TokenizerTrainConfig, step: int, model: VQGAN, optimizer: torch.optim.Optimizer,
                     last_used: Tensor, meta: dict) -> str:
     """Write every file, then the checkpoint.json marker; then prune to keep_last."""
-    url = checkpoint.step_url(config.root, config.run, step)
+    url = runs.step_url(config.root, config.run, step)
     storage.remove(url, recursive=True)  # what an interrupted save of this very step left
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     storage.write_bytes(storage.join(url, WEIGHTS_FILE), save_safetensors(weights))
@@ -165,12 +165,12 @@ def save_checkpoint(config: TokenizerTrainConfig, step: int, model: VQGAN, optim
     storage.write_bytes(storage.join(url, OPTIMIZER_FILE), buffer.getvalue())
     storage.write_bytes(storage.join(url, STATE_FILE), save_safetensors({"last_used": last_used.cpu()}))
     marker = json.dumps({"step": step, "time": time.time(), **meta}, indent=1).encode()
-    storage.write_bytes(storage.join(url, checkpoint.MARKER), marker)
+    storage.write_bytes(storage.join(url, runs.MARKER), marker)
     checkpoint.prune(config.root, config.run, config.keep_last)
     return url
 
 
-def load_checkpoint(saved: checkpoint.Checkpoint, model: VQGAN, optimizer: torch.optim.Optimizer) -> Tensor:
+def load_checkpoint(saved: runs.Checkpoint, model: VQGAN, optimizer: torch.optim.Optimizer) -> Tensor:
     """Restore model and optimizer in place; returns the codes' last-used steps."""
     if saved.meta.get("model") != config_to_dict(model.config):
         raise ConfigError(f"bad value for 'run': its checkpoint {saved.url} holds another model; "
@@ -265,7 +265,7 @@ class _TokenizerTraining:
         self.last_used = torch.zeros(model_config.codebook_size, dtype=torch.long)
         checkpoint.clean_partial(config.root, config.run)
         self.start, previous_run_id = 0, None
-        latest = checkpoint.latest(config.root, config.run)
+        latest = runs.latest(config.root, config.run)
         if latest:
             self.last_used = load_checkpoint(latest, self.model, self.optimizer)
             self.start, previous_run_id = latest.step, latest.meta.get("mlflow_run_id")
