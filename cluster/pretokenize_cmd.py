@@ -160,7 +160,8 @@ def inspect_output(out: str, samples: int, grid_path: str, tokenizer_url: str = 
     import torch
     from PIL import Image
 
-    from enat.pipelines.pretokenize import PretokenizeError, load_tokenizer
+    from enat.pipelines.model_io import load_tokenizer
+    from enat.pipelines.pretokenize import PretokenizeError
     from enat.pipelines.shards import read_manifest, read_shard
 
     manifest = read_manifest(out)
@@ -217,6 +218,7 @@ def summary_lines(manifest: Manifest, out: str) -> list[str]:
 
 
 def _run(config: PretokenizeConfig, args: argparse.Namespace) -> int:
+    from enat.pipelines.model_io import NotATokenizer
     from enat.pipelines.pretokenize import PretokenizeError
     from enat.pipelines.sources import SourceError
     from enat.pipelines.storage import StorageError
@@ -227,7 +229,8 @@ def _run(config: PretokenizeConfig, args: argparse.Namespace) -> int:
             print("\n".join(inspect_output(args.inspect, args.samples, args.grid, config.tokenizer)))
             return 0
         return run_pretokenize(config, progress=not args.no_progress)
-    except (SourceError, StorageError, PretokenizeError, TextEncoderUnavailable, FileNotFoundError) as err:
+    except (SourceError, StorageError, PretokenizeError, NotATokenizer, TextEncoderUnavailable,
+            FileNotFoundError) as err:
         print(f"enat: error: {err}", file=sys.stderr)
         return 2
 

@@ -37,7 +37,7 @@ from enat.models.device import bf16_supported, pick_device
 from enat.models.generate import generate
 from enat.models.strategy import Strategy
 from enat.pipelines import runs, shards, storage
-from enat.pipelines.model_io import CONFIG_NAME, load_model
+from enat.pipelines.model_io import CONFIG_NAME, load_model, load_tokenizer
 
 
 class SamplingError(ValueError):
@@ -114,8 +114,6 @@ def find_tokenizer(ema_url: str) -> tuple[str, str | None]:
 
 def load_sampler(checkpoint: str, tokenizer: str = "", device: str = "auto", precision: str = "auto",
                  reuse: bool = True, text_encoder: str = "minilm") -> Sampler:
-    from enat.pipelines.pretokenize import load_tokenizer
-
     torch_device = pick_device(device)
     ema_url = resolve_checkpoint(checkpoint)
     expected_id = None

@@ -23,19 +23,15 @@ shards, byte for byte, as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import yaml
 
-from enat.models import VQGANConfig, build_config, load_reference_checkpoint
 from enat.models.typed_config import ConfigError, check
 from enat.pipelines import shards, storage
 from enat.pipelines.images import (
@@ -46,14 +42,12 @@ from enat.pipelines.images import (
     decode_image,
     to_array,
 )
-from enat.pipelines.model_io import LoadedModel, load_model
+from enat.pipelines.model_io import load_tokenizer
 from enat.pipelines.shards import Manifest, TokenSample
 from enat.pipelines.sources import Blob, InputItem, Plan, check_source, plan_source, read_blobs
 from enat.pipelines.text_encoder import NONE, TextEncoder, TextEncoderConfig, describe
 
 PARTS_DIR = "_parts"
-REFERENCE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
-DEFAULT_REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs/models/maskgit-vqgan-f16.yaml"
 
 
 class PretokenizeError(RuntimeError):
@@ -147,31 +141,6 @@ class Job:
     tasks: list[ShardTask]
     pending: list[ShardTask]
     complete: Manifest | None = None  # set when the output already holds this finished job
-
-
-def load_tokenizer(url: str, config_path: str = "", device: str = "cpu") -> LoadedModel:
-    """A VQGAN as pipelines.model_io.LoadedModel: an exported folder, or a released MaskGIT
-    VQGAN checkpoint file converted with models.convert (config: `config_path`)."""
-    if not url.endswith(REFERENCE_SUFFIXES):
-        loaded = load_model(url, device)
-        if not isinstance(loaded.config, VQGANConfig):
-            raise PretokenizeError(f"{url} holds a {type(loaded.config).__name__}, not a VQGAN tokenizer")
-        return loaded
-    try:
-        data = storage.read_bytes(url)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no tokenizer checkpoint at {url}") from None
-    if url.endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
-
-        state = load_safetensors(data)
-    else:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-    preset = Path(config_path) if config_path else DEFAULT_REFERENCE_CONFIG
-    config = build_config(yaml.safe_load(preset.read_text()))
-    model = load_reference_checkpoint("maskgit_vqgan", state, config).to(device)
-    return LoadedModel(model, config, hashlib.sha256(data).hexdigest(), url)
 
 
 def _device(choice: str) -> str:

@@ -503,7 +503,7 @@ def test_released_maskgit_checkpoint_loads_through_the_converter(tmp_path):
     from safetensors.torch import load_file
 
     from enat.models import config_from_reference, config_to_dict
-    from enat.pipelines.pretokenize import load_tokenizer
+    from enat.pipelines.model_io import load_tokenizer
 
     reference = json.loads((fixtures / "config.json").read_text())
     preset = tmp_path / "vqgan.yaml"
