@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from enat.models.device import pick_device
 from enat.models.typed_config import ConfigError, check
 from enat.pipelines import shards, storage
 from enat.pipelines.images import (
@@ -143,10 +144,6 @@ class Job:
     complete: Manifest | None = None  # set when the output already holds this finished job
 
 
-def _device(choice: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
-
-
 def _fingerprint(plan: Plan, spec: JobSpec, shard_size: int, text_info: dict | None) -> str:
     settings = {k: v for k, v in asdict(spec).items() if k not in ("out", "batch_size", "device", "text")}
     settings.update(shard_size=shard_size, text=text_info, tokenizer=None)  # the sha256 names it
@@ -223,7 +220,7 @@ _LOADED: dict[tuple, Any] = {}  # models loaded by this process, reused by its n
 
 
 def _models(spec: JobSpec) -> tuple[Any, TextEncoder | None]:
-    device = _device(spec.device)
+    device = pick_device(spec.device)
     key = (spec.tokenizer, spec.tokenizer_config, spec.tokenizer_sha256, device)
     if key not in _LOADED:
         tokenizer = load_tokenizer(spec.tokenizer, spec.tokenizer_config, device)
