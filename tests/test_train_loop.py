@@ -286,3 +286,15 @@ def test_enat_ranks_share_mask_counts_but_draw_their_own_positions():
     assert all(positions is None for _, positions in nat)
     ratios = [mask_tokens(ids, 64, MaskingConfig(), counts, False)[1].sum(1) for counts, _ in nat]
     assert not torch.equal(*ratios)
+
+
+def test_lr_warms_up_then_holds_or_decays_to_its_floor():
+    """The schedule of both trainers: the generator's LambdaLR and the tokenizer's loop."""
+    from enat.trainer.lr_schedule import lr_multiplier
+
+    assert [lr_multiplier(step, 10, 4) for step in range(1, 5)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_multiplier(7, 10, 4, "constant") == 1.0
+    cosine = [lr_multiplier(step, 10, 4, "cosine", min_ratio=0.1) for step in range(4, 11)]
+    assert cosine[0] == 1.0 and cosine[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(cosine, cosine[1:], strict=False))
+    assert lr_multiplier(12, 10, 4) == 0.0  # past the last step: the floor

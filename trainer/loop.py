@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -49,6 +48,7 @@ from enat.trainer import checkpoint
 from enat.trainer.data import Batch, DataConfig, StreamPosition, TokenStream, open_dataset
 from enat.trainer.distributed import import_deepspeed, init_distributed
 from enat.trainer.ema import EMA
+from enat.trainer.lr_schedule import lr_multiplier
 from enat.trainer.metrics import Meter, matmul_peak, train_flops_per_sample
 from enat.trainer.validation import ValidationConfig, validation_batch, validation_loss
 
@@ -136,15 +136,8 @@ def masking_generators(seed: int, step: int, micro: int, rank: int,
 
 def lr_factor(config: TrainConfig) -> Callable[[int], float]:
     """LambdaLR factor; optimizer step n (1-based) uses factor(n - 1)."""
-    def factor(index: int) -> float:
-        step = index + 1
-        if step <= config.warmup_steps:
-            return step / config.warmup_steps
-        if config.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
+    return lambda index: lr_multiplier(index + 1, config.steps, config.warmup_steps, config.schedule,
+                                       config.min_lr_ratio)
 
 
 class Trainer:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import tempfile
@@ -52,6 +51,7 @@ from enat.pipelines import model_io, runs, storage
 from enat.pipelines.tracking import Tracker
 from enat.trainer import checkpoint
 from enat.trainer.image_data import ImageSet, load_image_set
+from enat.trainer.lr_schedule import lr_multiplier
 from enat.trainer.tokenizer_quality import Evaluation, codebook_stats, evaluate, reconstruction_grid
 
 WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state.safetensors"
@@ -202,10 +202,8 @@ def batch_indices(num_images: int, batch_size: int, seed: int, step: int) -> Ten
 
 
 def learning_rate(config: TokenizerTrainConfig, step: int) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    """The learning rate of step `step` (0-based, as this loop counts)."""
+    return config.lr * lr_multiplier(step + 1, config.steps, config.warmup_steps)
 
 
 def restart_dead_codes(model: VQGAN, encodings: Tensor, last_used: Tensor, step: int,
