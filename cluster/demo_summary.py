@@ -11,12 +11,10 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from enat.cluster.demo_config import DemoConfig, DemoPaths
 from enat.pipelines import runs, storage
-
-if TYPE_CHECKING:
-    from enat.cluster.demo import DemoConfig, DemoPaths
 
 # Columns of the comparison picture: (title, evaluation whose grid it shows; None = real).
 PICTURE_COLUMNS = (("real", None), ("ENAT 8 steps", "default-8"), ("NAT 8 steps", "nat-default-8"),
