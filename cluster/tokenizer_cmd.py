@@ -14,7 +14,12 @@ from enat.cluster.config import preset_path, read_yaml
 from enat.models import VQGANConfig, build_config
 from enat.models.typed_config import ConfigError
 from enat.pipelines.storage import StorageError
-from enat.trainer.tokenizer_train import TokenizerTrainConfig, TrainResult, check_model, train_tokenizer
+from enat.trainer.tokenizer_train import (
+    TokenizerTrainConfig,
+    TokenizerTrainResult,
+    check_model,
+    train_tokenizer,
+)
 
 
 def resolve_model(config: TokenizerTrainConfig) -> VQGANConfig:
@@ -26,7 +31,7 @@ def resolve_model(config: TokenizerTrainConfig) -> VQGANConfig:
     return check_model(config, model_config)
 
 
-def run_tokenizer_training(config: TokenizerTrainConfig, progress: bool = True) -> TrainResult:
+def run_tokenizer_training(config: TokenizerTrainConfig, progress: bool = True) -> TokenizerTrainResult:
     return train_tokenizer(config, resolve_model(config), progress=progress)
 
 

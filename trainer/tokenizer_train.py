@@ -134,7 +134,9 @@ class TokenizerTrainConfig:
 
 
 @dataclass
-class TrainResult:
+class TokenizerTrainResult:
+    """What train_tokenizer ends with (the generator's loop returns trainer.loop.TrainResult)."""
+
     step: int
     resumed_from: int  # 0 for a fresh run
     evaluation: Evaluation
@@ -374,7 +376,7 @@ class _TokenizerTraining:
 
 
 def train_tokenizer(config: TokenizerTrainConfig, model_config: VQGANConfig,
-                    extra_losses: Sequence[ExtraLoss] = (), progress: bool = True) -> TrainResult:
+                    extra_losses: Sequence[ExtraLoss] = (), progress: bool = True) -> TokenizerTrainResult:
     """Train (or resume, or only re-export a finished run) and return the final figures."""
     started = time.monotonic()
     check_model(config, model_config)
@@ -390,4 +392,5 @@ def train_tokenizer(config: TokenizerTrainConfig, model_config: VQGANConfig,
             raise
     finally:
         torch.set_num_threads(threads)  # the caller's process keeps its own setting
-    return TrainResult(step, training.start, result, export_url, grid_url, time.monotonic() - started)
+    return TokenizerTrainResult(step, training.start, result, export_url, grid_url,
+                                time.monotonic() - started)
