@@ -58,10 +58,10 @@ def free_port() -> int:
 
 def train(name: str, preset: str, overrides: list[str], tokens: str, work: str) -> tuple[str, float]:
     """Train (or find trained) the variant; (its last checkpoint URL, seconds spent training)."""
-    from enat.trainer import checkpoint
+    from enat.pipelines import runs
 
     root = os.path.join(work, "runs")
-    latest = checkpoint.latest(root, name)
+    latest = runs.latest(root, name)
     steps = next(int(o.split("=")[1]) for o in overrides if o.startswith("steps="))
     seconds = 0.0
     if latest is None or latest.step < steps:
@@ -73,19 +73,19 @@ def train(name: str, preset: str, overrides: list[str], tokens: str, work: str) 
                         "log_every=100", f"checkpoint_every={steps}", *overrides],
                        check=True, cwd=REPO, env=env)
         seconds = time.monotonic() - started
-        latest = checkpoint.latest(root, name)
+        latest = runs.latest(root, name)
     return latest.url, seconds
 
 
 def score(checkpoint_url: str, reference: str, extractor: str, samples: int) -> dict:
     from enat.evaluation.evaluate import CheckpointEvaluator
     from enat.models.strategy import Strategy
-    from enat.trainer import checkpoint
+    from enat.pipelines import runs
 
     evaluator = CheckpointEvaluator(checkpoint_url, "", reference, extractor, batch_size=250)
     result = evaluator(Strategy.default(8), samples, FRESH_SEED, kid=False, isc=False, flops=False,
                        progress=False)
-    metrics = checkpoint.open_checkpoint(checkpoint_url).meta.get("metrics", {})
+    metrics = runs.open_checkpoint(checkpoint_url).meta.get("metrics", {})
     return {"fid": round(result["fid"], 3), "class_consistency": round(result["class_consistency"], 3),
             "classifier_real_accuracy": result["classifier_real_accuracy"],
             "final_train_loss": round(metrics.get("loss", float("nan")), 4)}

@@ -44,7 +44,8 @@ def encode_throughput(tokenizer_url: str, resolution: int, batch_size: int,
     import numpy as np
     import torch
 
-    from enat.pipelines.pretokenize import encode_images, load_tokenizer
+    from enat.pipelines.model_io import load_tokenizer
+    from enat.pipelines.pretokenize import encode_images
 
     torch.set_num_threads(1)
     model = load_tokenizer(tokenizer_url).model
@@ -74,7 +75,7 @@ def main() -> int:
     from enat.cluster.pretokenize_cmd import run_pretokenize
     from enat.pipelines.config import PretokenizeConfig
     from enat.pipelines.demo_data import list_emoji, write_imagenet_tree
-    from enat.pipelines.pretokenize import load_tokenizer
+    from enat.pipelines.model_io import load_tokenizer
     from enat.pipelines.shards import read_manifest
 
     scratch = Path(tempfile.mkdtemp(prefix="enat-bench-"))

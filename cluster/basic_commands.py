@@ -69,7 +69,7 @@ def _demo(config: Any, args: argparse.Namespace) -> int:
 
 
 def commands() -> dict[str, dict[str, Command]]:
-    from enat.cluster.demo import DemoConfig
+    from enat.cluster.demo_config import DemoConfig
     from enat.pipelines.config import DemoDataConfig
 
     return {

@@ -3,8 +3,8 @@
 Every stage after the services is an ordinary `enat` command run in a child process,
 printed before it runs so any stage can be rerun (or changed) by hand. A stage whose
 output already exists is skipped, and the commands resume on their own, so rerunning
-`make demo` after an interruption continues where it stopped. The sizes below fit ~20
-minutes on 2 CPU cores; they are demo sizes, not a recipe for quality.
+`make demo` after an interruption continues where it stopped. Its settings and output
+paths are in cluster/demo_config.py.
 """
 
 from __future__ import annotations
@@ -17,42 +17,16 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from enat.cluster import services
+from enat.cluster.demo_config import DemoConfig, DemoPaths
 from enat.cluster.demo_summary import write_summary
-from enat.pipelines import storage
-from enat.pipelines.config import DemoDataConfig
+from enat.pipelines import runs, storage
 from enat.pipelines.demo_data import make_demo_data
 
 FRESH_SEED = 1_000_003  # final evaluations: seeds no search trial used
-
-
-@dataclass
-class DemoConfig:
-    work_dir: str = "demo-out"  # local outputs: data, evaluations, summary
-    root: str = f"s3://{services.DEFAULT_BUCKET}/demo"  # object-storage root of the demo
-    data: DemoDataConfig = field(default_factory=lambda: DemoDataConfig(out="demo-out/data"))
-    tokenizer_steps: int = 1600
-    extractor_epochs: int = 12
-    train_steps: int = 2000  # tiny ENAT and, for the comparison, tiny NAT; 2 Ray workers each
-    checkpoint_every: int = 1000  # each ENAT checkpoint is evaluated as it lands
-    watch_samples: int = 200  # images per checkpoint evaluation
-    # AutoNAT updates of each search, with one finite difference per kind of parameter
-    # (5 evaluations each, + 1): at 250 images per evaluation, per-step differences are
-    # mostly sampling noise (README, "Strategy search").
-    search_updates: int = 3
-    search_blocks: Literal["step", "kind"] = "kind"
-    search_samples: int = 250  # images per search evaluation
-    # Strategies searched and evaluated (searched-<T> rows); `search_steps=[8,4]` adds a
-    # 4-step search (~1 min more).
-    search_steps: list[int] = field(default_factory=lambda: [8])
-    final_samples: int = 1000  # images of the final evaluations (fresh seeds)
-    text_steps: int = 500  # the text-to-image model on the CC3M-style shards
-    text_samples: int = 200  # images of the text-to-image evaluation
-    skip_text: bool = False
 
 
 @dataclass
@@ -129,34 +103,6 @@ def s3_round_trip(root: str) -> str:
     return url
 
 
-class DemoPaths:
-    """Where each stage writes; the stages and the summary read them from here."""
-
-    def __init__(self, config: DemoConfig):
-        root, work = config.root, config.work_dir
-        self.images = os.path.join(config.data.out, "imagenet")
-        self.captions_tars = os.path.join(config.data.out, "cc3m")
-        self.tokenizer = storage.join(root, "runs", "tokenizer", "export")
-        self.extractor = storage.join(root, "extractor")
-        self.perceptual = storage.join(root, "perceptual")
-        self.tokens = storage.join(root, "tokens", "imagenet")
-        self.text_tokens = storage.join(root, "tokens", "cc3m")
-        self.reference = storage.join(root, "reference", "imagenet-domain.npz")
-        self.floor = os.path.join(work, "floor.json")
-        self.run = storage.join(root, "runs", "tiny-enat-demo")
-        self.nat_run = storage.join(root, "runs", "tiny-nat-demo")
-        self.text_run = storage.join(root, "runs", "tiny-enat-text-demo")
-        self.evals = os.path.join(work, "eval")
-        self.captions = os.path.join(work, "captions.txt")
-        self.logs = Path(work) / "logs"
-
-    def checkpoint(self, run_url: str, step: int) -> str:
-        return storage.join(run_url, "checkpoints", f"step-{step}")
-
-    def search(self, steps: int) -> str:
-        return storage.join(self.run, "search", f"autonat-{steps}")
-
-
 def _exists(url: str) -> Callable[[], bool]:
     return lambda: storage.exists(url)
 
@@ -214,7 +160,7 @@ def stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
                f"eval.num_samples={config.watch_samples}", f"eval.batch_size={config.watch_samples}",
                "eval.num_cpus=0.5"]),
         Stage("tiny NAT training (the baseline: same width, depth, shards and steps)",
-              _exists(storage.join(nat_final, "checkpoint.json")),
+              _exists(storage.join(nat_final, runs.MARKER)),
               ["train", "--config", "tiny-nat-demo", f"root={config.root}", f"data.url={paths.tokens}",
                f"steps={config.train_steps}", f"checkpoint_every={config.checkpoint_every}"]),
     ]
@@ -253,7 +199,7 @@ def text_stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
     out = os.path.join(paths.evals, "text")
     return [
         Stage("tiny text-to-image ENAT training on the CC3M-style shards",
-              _exists(storage.join(final, "checkpoint.json")),
+              _exists(storage.join(final, runs.MARKER)),
               ["train", "--config", "tiny-enat-text-demo", f"root={config.root}",
                f"data.url={paths.text_tokens}", f"steps={config.text_steps}"]),
         Stage("text-to-image evaluation from captions", _evaluated_to(out),

@@ -11,12 +11,10 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from enat.pipelines import storage
-
-if TYPE_CHECKING:
-    from enat.cluster.demo import DemoConfig, DemoPaths
+from enat.cluster.demo_config import DemoConfig, DemoPaths
+from enat.pipelines import runs, storage
 
 # Columns of the comparison picture: (title, evaluation whose grid it shows; None = real).
 PICTURE_COLUMNS = (("real", None), ("ENAT 8 steps", "default-8"), ("NAT 8 steps", "nat-default-8"),
@@ -59,7 +57,7 @@ def training_figures(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
         figures["unigram_entropy"] = unigram_entropy(torch.from_numpy(np.stack(ids)), manifest.codebook_size)
         figures["uniform_entropy"] = math.log(manifest.codebook_size)
     for name, run in (("enat", paths.run), ("nat", paths.nat_run)):
-        marker = storage.join(paths.checkpoint(run, config.train_steps), "checkpoint.json")
+        marker = storage.join(paths.checkpoint(run, config.train_steps), runs.MARKER)
         if metrics := _json(marker).get("metrics"):
             figures[name] = {"loss": metrics.get("loss"), "val_loss": metrics.get("val_loss")}
     return figures

@@ -85,12 +85,11 @@ def _fid_stats(config: Any, _args: argparse.Namespace) -> int:
 
 def _eval_checkpoint(config: Any, _args: argparse.Namespace) -> int:
     from enat.evaluation.evaluate import evaluate, metrics_line
+    from enat.pipelines.runs import checkpoint_label
     from enat.pipelines.tracking import Tracker
 
     result = evaluate(config)
-    parts = result["checkpoint"].rstrip("/").split("/")  # .../runs/<run>/checkpoints/step-<n>/ema
-    where = f"{parts[-4]}-{parts[-2]}" if len(parts) >= 4 and parts[-1] == "ema" else parts[-1]
-    name = config.run_name or f"{where}-{result['strategy']}"
+    name = config.run_name or f"{checkpoint_label(result['checkpoint'])}-{result['strategy']}"
     tracker = Tracker(config.mlflow_experiment, name, enabled=config.tracking)
     log_evaluation(tracker, result, to_dict(config))
     tracker.finish()

@@ -27,6 +27,7 @@ from enat.cluster.jobs import TrainEvalConfig
 from enat.evaluation.config import WatchConfig
 from enat.evaluation.watch import checkpoints_of, evaluate_step, read_records
 from enat.models.typed_config import check
+from enat.pipelines import runs
 
 
 def _say(message: str) -> None:
@@ -50,7 +51,7 @@ def watch(config: WatchConfig, stop: threading.Event | None = None) -> dict[int,
 
     from enat.cluster.ray_session import cluster_has_gpus
 
-    check("/runs/" in config.run, "run", "a training run folder, <root>/runs/<run>", config.run)
+    check(f"/{runs.RUNS_DIR}/" in config.run, "run", "a training run folder, <root>/runs/<run>", config.run)
     options: dict[str, Any] = {"num_cpus": config.num_cpus, "max_retries": 1}
     if cluster_has_gpus():
         options["num_gpus"] = config.num_gpus

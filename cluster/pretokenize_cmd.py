@@ -154,7 +154,8 @@ def inspect_output(out: str, samples: int, grid_path: str, tokenizer_url: str = 
     import torch
     from PIL import Image
 
-    from enat.pipelines.pretokenize import PretokenizeError, load_tokenizer
+    from enat.pipelines.model_io import load_tokenizer
+    from enat.pipelines.pretokenize import PretokenizeError
     from enat.pipelines.shards import read_manifest, read_shard
 
     manifest = read_manifest(out)

@@ -23,7 +23,7 @@ from enat.cluster.command import Command
 from enat.evaluation.schedule_search import SearchHyperparameters
 from enat.models.strategy import Strategy
 from enat.models.typed_config import check, to_dict
-from enat.pipelines import storage
+from enat.pipelines import runs, storage
 from enat.pipelines.tracking import Tracker
 
 FRESH_SEED_OFFSET = 1_000_003  # validation seeds, disjoint from every search seed
@@ -64,7 +64,7 @@ class SearchConfig:
     def output_url(self) -> str:
         if self.out:
             return self.out
-        marker = "/checkpoints/"
+        marker = f"/{runs.CHECKPOINTS_DIR}/"
         if marker not in self.checkpoint:
             raise ValueError("set out=<URL>: the checkpoint is not inside a run folder")
         return storage.join(self.checkpoint.split(marker)[0], "search", self.name)

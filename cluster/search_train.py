@@ -52,7 +52,7 @@ def _trial(params: dict[str, Any]) -> None:
     import ray.tune
 
     from enat.cluster.ray_train import build_torch_trainer, ray_storage
-    from enat.trainer import checkpoint
+    from enat.pipelines import runs
 
     job: TrainSearchJob = params["job"]
     search, launch = job.search, job.launch
@@ -64,7 +64,7 @@ def _trial(params: dict[str, Any]) -> None:
             num_workers=launch.num_workers, cpus_per_worker=launch.cpus_per_worker,
             use_gpu=params["use_gpu"], max_failures=launch.max_failures, until_step=rung)
         trainer.fit()
-        reached = checkpoint.latest(config.root, config.run)  # its marker holds the metrics
+        reached = runs.latest(config.root, config.run)  # its marker holds the metrics
         ray.tune.report({"step": reached.step, "val_loss": reached.meta["metrics"]["val_loss"],
                          "loss": reached.meta["metrics"].get("loss"), "checkpoint_url": reached.url})
 
@@ -76,11 +76,10 @@ def run_search_train(job: TrainSearchJob) -> dict[str, Any]:
 
     from enat.cluster.ray_session import ray_session
     from enat.cluster.ray_train import ray_storage, resolve_use_gpu
-    from enat.pipelines import storage
-    from enat.trainer import checkpoint
+    from enat.pipelines import runs, storage
 
     search, launch = job.search, job.launch
-    experiment_url = checkpoint.run_url(job.root, search.name)
+    experiment_url = runs.run_url(job.root, search.name)
     storage.check_writable(experiment_url)
     # A local Ray gets one trial_slot per concurrent trial; a cluster's nodes declare theirs
     # (see the README), and a Ray the caller started must have them.

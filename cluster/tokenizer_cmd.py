@@ -16,7 +16,7 @@ from enat.models.typed_config import ConfigError
 from enat.trainer.config import TokenizerTrainConfig
 
 if TYPE_CHECKING:  # the trainer loads torch: only when a job runs
-    from enat.trainer.tokenizer_train import TrainResult
+    from enat.trainer.tokenizer_train import TokenizerTrainResult
 
 
 def resolve_model(config: TokenizerTrainConfig) -> VQGANConfig:
@@ -30,7 +30,7 @@ def resolve_model(config: TokenizerTrainConfig) -> VQGANConfig:
     return check_model(config, model_config)
 
 
-def run_tokenizer_training(config: TokenizerTrainConfig, progress: bool = True) -> TrainResult:
+def run_tokenizer_training(config: TokenizerTrainConfig, progress: bool = True) -> TokenizerTrainResult:
     from enat.trainer.tokenizer_train import train_tokenizer
 
     return train_tokenizer(config, resolve_model(config), progress=progress)

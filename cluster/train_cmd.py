@@ -33,13 +33,12 @@ from enat.trainer.config import TrainConfig
 def preflight(config: TrainConfig) -> None:
     """Fail before any worker starts: storage permission, manifest vs model, missing shards,
     the checkpoint named by resume=."""
-    from enat.pipelines import storage
-    from enat.trainer import checkpoint
+    from enat.pipelines import runs, storage
     from enat.trainer.data import open_dataset
 
-    storage.check_writable(checkpoint.run_url(config.root, config.run))
+    storage.check_writable(runs.run_url(config.root, config.run))
     open_dataset(config.data, config.model)
-    checkpoint.resume_target(config.root, config.run, config.resume)
+    runs.resume_target(config.root, config.run, config.resume)
 
 
 def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig | None = None) -> Any:
@@ -49,11 +48,11 @@ def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig
     from enat.cluster.eval_watch import BackgroundWatch
     from enat.cluster.ray_session import ray_session
     from enat.cluster.ray_train import build_torch_trainer, ray_storage, resolve_use_gpu
-    from enat.trainer import checkpoint
+    from enat.pipelines import runs
 
     watching = evals is not None and evals.watch
     wanted = launch.num_workers * launch.cpus_per_worker + (evals.num_cpus if watching else 0)
-    run_url = checkpoint.run_url(config.root, config.run)
+    run_url = runs.run_url(config.root, config.run)
     with ray_session(max(os.cpu_count() or 1, math.ceil(wanted))):
         watcher = BackgroundWatch(evals, run_url).start() if watching else None
         try:
@@ -69,7 +68,7 @@ def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig
 
 
 def _run(job: TrainJob, _args: argparse.Namespace) -> int:
-    from enat.trainer import checkpoint
+    from enat.pipelines import runs
     from enat.trainer.loop import train
 
     config, launch, evals = job.loop_config(), job.launch, job.eval
@@ -81,7 +80,7 @@ def _run(job: TrainJob, _args: argparse.Namespace) -> int:
     if launcher == "process":
         if evals.watch and os.environ.get("RANK", "0") == "0":
             print("note: eval.watch runs with the Ray launcher only; evaluate this run with "
-                  f"`enat eval watch {checkpoint.run_url(config.root, config.run)} ...`", file=sys.stderr)
+                  f"`enat eval watch {runs.run_url(config.root, config.run)} ...`", file=sys.stderr)
         result = train(config)
         if result.step == config.steps and os.environ.get("RANK", "0") == "0":
             print(f"run {config.run} finished at step {result.step}; last checkpoint {result.checkpoint}")
@@ -94,7 +93,7 @@ def _run(job: TrainJob, _args: argparse.Namespace) -> int:
         print(f"enat: error: training failed after {launch.max_failures} restart(s): "
               f"{str(err).splitlines()[0]}", file=sys.stderr)
         return 1
-    last = checkpoint.latest(config.root, config.run)
+    last = runs.latest(config.root, config.run)
     print(f"run {config.run} finished at step {last.step if last else '?'}; "
           f"EMA model for evaluation: {last.ema_url if last else 'none'}")
     return 0

@@ -162,7 +162,7 @@ class ImageSet:
                               else int(labels[i])) for i, image in enumerate(chw))
 
     def _tokens(self) -> Iterator[ImageBatch]:
-        from enat.pipelines.pretokenize import load_tokenizer
+        from enat.pipelines.model_io import load_tokenizer
 
         manifest = shards.read_manifest(self.url)
         tokenizer_url = self.tokenizer_url or manifest.tokenizer_url

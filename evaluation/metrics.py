@@ -247,15 +247,6 @@ def reference_stats(reference: str | ReferenceStats, extractor: Extractor, resol
                                         keep_features)
 
 
-def compute_metrics(generated: Dataset | Iterable[Tensor], reference: str | ReferenceStats,
-                    extractor: Extractor, resolution: int, tokenizer_url: str = "", kid: bool = True,
-                    isc: bool = True, batch_size: int = 64, seed: int = 2020) -> dict:
-    """Metrics of generated uint8 images against a reference (statistics or an image set)."""
-    stats = reference_stats(reference, extractor, resolution, tokenizer_url, batch_size)
-    return metrics_from_features(extract_features(extractor, generated, batch_size), stats, extractor,
-                                 kid, isc, seed)
-
-
 def real_floor(images: np.ndarray, extractor: Extractor, seed: int = 0, batch_size: int = 64) -> dict:
     """Metrics between two disjoint random halves of a real set: the best FID a generator
     can hope for at this sample count (FID is biased upwards at small N)."""

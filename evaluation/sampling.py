@@ -38,11 +38,8 @@ from enat.models.device import bf16_supported, pick_device
 from enat.models.errors import MissingInput, UserError
 from enat.models.generate import generate
 from enat.models.strategy import Strategy
-from enat.pipelines import shards, storage
-from enat.pipelines.model_io import CONFIG_NAME, load_model
-
-EMA_DIR = "ema"
-TRAIN_CONFIG_NAME = "train_config.json"
+from enat.pipelines import runs, shards, storage
+from enat.pipelines.model_io import CONFIG_NAME, load_model, load_tokenizer
 
 
 class SamplingError(UserError, ValueError):
@@ -85,7 +82,7 @@ def resolve_checkpoint(url: str) -> str:
     """The exported EMA folder of `url` (a step-<n> folder or the export itself)."""
     if storage.exists(storage.join(url, CONFIG_NAME)):
         return url
-    ema = storage.join(url, EMA_DIR)
+    ema = storage.join(url, runs.EMA_DIR)
     if storage.exists(storage.join(ema, CONFIG_NAME)):
         return ema
     raise MissingInput(f"no exported model at {url} or {ema}: pass a checkpoint folder "
@@ -95,8 +92,8 @@ def resolve_checkpoint(url: str) -> str:
 def training_manifest(ema_url: str) -> shards.Manifest | None:
     """The manifest of the shards the checkpoint at `ema_url` was trained on, when its step
     folder's train_config.json names them and they still exist."""
-    step_url = ema_url.rstrip("/").removesuffix(f"/{EMA_DIR}")
-    train_config = storage.join(step_url, TRAIN_CONFIG_NAME)
+    step_url = ema_url.rstrip("/").removesuffix(f"/{runs.EMA_DIR}")
+    train_config = storage.join(step_url, runs.TRAIN_CONFIG_NAME)
     data_url = ""
     if step_url != ema_url.rstrip("/") and storage.exists(train_config):
         data_url = json.loads(storage.read_bytes(train_config)).get("data", {}).get("url", "")
@@ -119,8 +116,6 @@ def find_tokenizer(ema_url: str) -> tuple[str, str | None]:
 
 def load_sampler(checkpoint: str, tokenizer: str = "", device: str = "auto", precision: str = "auto",
                  reuse: bool = True, text_encoder: str = "minilm") -> Sampler:
-    from enat.pipelines.pretokenize import load_tokenizer
-
     torch_device = pick_device(device)
     ema_url = resolve_checkpoint(checkpoint)
     expected_id = None

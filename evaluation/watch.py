@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 from enat.evaluation.config import WatchConfig
-from enat.pipelines import storage
+from enat.pipelines import runs, storage
 
 EVALS_DIR = "evals"
 RECORD = re.compile(r"step-(\d+)\.json")
@@ -46,16 +46,11 @@ def read_records(run_url: str) -> dict[int, dict[str, Any]]:
 
 def checkpoints_of(run_url: str) -> list[tuple[int, str, int]]:
     """(step, checkpoint URL, the run's final step) of every complete checkpoint, by step."""
-    from enat.trainer import checkpoint
-
-    root, _, run = run_url.rstrip("/").rpartition("/runs/")
-    if not run:
-        raise ValueError(f"{run_url} is not a training run folder: expected <root>/runs/<run>")
-    complete, _ = checkpoint.scan(root, run)
+    complete, _ = runs.scan(*runs.split_run_url(run_url))
     found = []
     for ckpt in complete:
         try:
-            config = json.loads(storage.read_bytes(storage.join(ckpt.url, checkpoint.CONFIG_NAME)))
+            config = json.loads(storage.read_bytes(storage.join(ckpt.url, runs.TRAIN_CONFIG_NAME)))
         except FileNotFoundError:
             continue  # pruned between the listing and this read: nothing left to evaluate
         found.append((ckpt.step, ckpt.url, int(config["steps"])))
@@ -75,7 +70,8 @@ def evaluate_step(config: WatchConfig, step: int, checkpoint_url: str) -> dict[s
     from enat.pipelines.tracking import Tracker
 
     out = storage.join(evals_url(config.run), f"step-{step}")
-    result = evaluate_checkpoint(storage.join(checkpoint_url, "ema"), "", config.strategy, config.num_samples,
+    ema_url = storage.join(checkpoint_url, runs.EMA_DIR)
+    result = evaluate_checkpoint(ema_url, "", config.strategy, config.num_samples,
                                  config.seed, config.reference, config.extractor, steps=config.steps or None,
                                  batch_size=config.batch_size, out=out, captions=config.captions,
                                  device=config.device, progress=False)

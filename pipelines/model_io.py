@@ -3,7 +3,8 @@
 This is how a trained tokenizer reaches pretokenization, and how a training run's EMA
 weights reach evaluation, without DeepSpeed or pickle. The model's id is its config kind
 plus the first 12 hex digits of the weights' sha256, so shards record exactly which
-weights made them.
+weights made them. `load_tokenizer` also reads a released MaskGIT VQGAN checkpoint file,
+converted as it loads (models/convert.py).
 
 Domain classifiers (models/classifier.py: the FID extractor, the tokenizer's perceptual
 network) are saved as `extractor.safetensors` + `extractor.json` (classes, width,
@@ -13,24 +14,34 @@ resolution, held-out accuracy), with the id `domain-<sha12 of the weights>`.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from enat.models import build_config, build_model, config_to_dict
+from enat.models import VQGANConfig, build_config, build_model, config_to_dict, load_reference_checkpoint
 from enat.models.classifier import DomainNet
 from enat.models.config import ModelConfig
-from enat.models.errors import MissingInput
+from enat.models.errors import MissingInput, UserError
 from enat.pipelines import storage
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CLASSIFIER_WEIGHTS = "extractor.safetensors"
 CLASSIFIER_META = "extractor.json"
+# A tokenizer URL ending in one of these is a released checkpoint file, not an exported folder.
+REFERENCE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
+DEFAULT_REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs/models/maskgit-vqgan-f16.yaml"
+
+
+class NotATokenizer(UserError, ValueError):
+    """A tokenizer URL holds another kind of model than a VQGAN."""
 
 
 @dataclass
@@ -68,6 +79,29 @@ def load_model(url: str, device: str | torch.device = "cpu") -> LoadedModel:
     model = build_model(config)
     model.load_state_dict(load_safetensors(data), strict=True)
     return LoadedModel(model.to(device).eval(), config, hashlib.sha256(data).hexdigest(), url)
+
+
+def load_tokenizer(url: str, config_path: str = "", device: str | torch.device = "cpu") -> LoadedModel:
+    """A VQGAN as a LoadedModel: an exported folder, or a released MaskGIT VQGAN checkpoint
+    file converted with models.convert (config: `config_path`, default maskgit-vqgan-f16)."""
+    if not url.endswith(REFERENCE_SUFFIXES):
+        loaded = load_model(url, device)
+        if not isinstance(loaded.config, VQGANConfig):
+            raise NotATokenizer(f"{url} holds a {type(loaded.config).__name__}, not a VQGAN tokenizer")
+        return loaded
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise MissingInput(f"no tokenizer checkpoint at {url}") from None
+    if url.endswith(".safetensors"):
+        state = load_safetensors(data)
+    else:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    preset = Path(config_path) if config_path else DEFAULT_REFERENCE_CONFIG
+    config = build_config(yaml.safe_load(preset.read_text()))
+    model = load_reference_checkpoint("maskgit_vqgan", state, config).to(device)
+    return LoadedModel(model, config, hashlib.sha256(data).hexdigest(), url)
 
 
 def classifier_id(weights: bytes) -> str:

@@ -23,32 +23,27 @@ shards, byte for byte, as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from enat.models import VQGANConfig, build_config, load_reference_checkpoint
-from enat.models.errors import MissingInput, UserError
+from enat.models.device import pick_device
+from enat.models.errors import UserError
 from enat.models.typed_config import ConfigError
 from enat.pipelines import shards, storage
 from enat.pipelines.config import NONE, PretokenizeConfig, TextEncoderConfig
 from enat.pipelines.images import RejectedInput, center_crop, decode_image, to_array
-from enat.pipelines.model_io import LoadedModel, load_model
+from enat.pipelines.model_io import load_tokenizer
 from enat.pipelines.shards import Manifest, TokenSample
 from enat.pipelines.sources import Blob, InputItem, Plan, check_source, plan_source, read_blobs
 from enat.pipelines.text_encoder import TextEncoder, describe
 
 PARTS_DIR = "_parts"
-REFERENCE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
-DEFAULT_REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs/models/maskgit-vqgan-f16.yaml"
 
 
 class PretokenizeError(UserError, RuntimeError):
@@ -102,35 +97,6 @@ class Job:
     tasks: list[ShardTask]
     pending: list[ShardTask]
     complete: Manifest | None = None  # set when the output already holds this finished job
-
-
-def load_tokenizer(url: str, config_path: str = "", device: str = "cpu") -> LoadedModel:
-    """A VQGAN as pipelines.model_io.LoadedModel: an exported folder, or a released MaskGIT
-    VQGAN checkpoint file converted with models.convert (config: `config_path`)."""
-    if not url.endswith(REFERENCE_SUFFIXES):
-        loaded = load_model(url, device)
-        if not isinstance(loaded.config, VQGANConfig):
-            raise PretokenizeError(f"{url} holds a {type(loaded.config).__name__}, not a VQGAN tokenizer")
-        return loaded
-    try:
-        data = storage.read_bytes(url)
-    except FileNotFoundError:
-        raise MissingInput(f"no tokenizer checkpoint at {url}") from None
-    if url.endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
-
-        state = load_safetensors(data)
-    else:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-    preset = Path(config_path) if config_path else DEFAULT_REFERENCE_CONFIG
-    config = build_config(yaml.safe_load(preset.read_text()))
-    model = load_reference_checkpoint("maskgit_vqgan", state, config).to(device)
-    return LoadedModel(model, config, hashlib.sha256(data).hexdigest(), url)
-
-
-def _device(choice: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
 
 
 def _fingerprint(plan: Plan, spec: JobSpec, shard_size: int, text_info: dict | None) -> str:
@@ -209,7 +175,7 @@ _LOADED: dict[tuple, Any] = {}  # models loaded by this process, reused by its n
 
 
 def _models(spec: JobSpec) -> tuple[Any, TextEncoder | None]:
-    device = _device(spec.device)
+    device = pick_device(spec.device)
     key = (spec.tokenizer, spec.tokenizer_config, spec.tokenizer_sha256, device)
     if key not in _LOADED:
         tokenizer = load_tokenizer(spec.tokenizer, spec.tokenizer_config, device)

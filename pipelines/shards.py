@@ -170,10 +170,6 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=1, sort_keys=True)
 
-    def content(self) -> dict[str, Any]:
-        """Everything but the `run` section: equal for equal inputs and settings."""
-        return {key: value for key, value in self.__dict__.items() if key != "run"}
-
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         data = json.loads(text)

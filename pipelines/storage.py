@@ -171,14 +171,3 @@ def check_writable(url: str) -> None:
                            f"it, or run `enat services up` for the local bucket)") from None
     except OSError as err:
         raise StorageError(f"cannot write {url}: {err}") from None
-
-
-def register_webdataset_s3() -> None:
-    """Teach WebDataset to open s3:// URLs through fsspec (call in every process)."""
-    from webdataset.gopen import gopen_schemes
-
-    def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO:
-        fs, path = filesystem(url)
-        return fs.open(path, mode)
-
-    gopen_schemes["s3"] = gopen_s3

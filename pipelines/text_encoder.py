@@ -20,12 +20,15 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from enat.models.errors import UserError
 from enat.pipelines.config import MINILM, TextEncoderConfig
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -88,7 +91,7 @@ def describe(config: TextEncoderConfig) -> dict[str, Any]:
 class TextEncoder:
     """Loaded once per process; `encode` is deterministic for a given batch of captions."""
 
-    def __init__(self, config: TextEncoderConfig, device: str = "cpu"):
+    def __init__(self, config: TextEncoderConfig, device: str | torch.device = "cpu"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         self.config = config

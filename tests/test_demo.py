@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from enat.cluster.cli import command_config, parse
-from enat.cluster.demo import DemoConfig, DemoError, DemoPaths, Stage, run_stage, stages
+from enat.cluster.demo import DemoError, Stage, run_stage, stages
+from enat.cluster.demo_config import DemoConfig, DemoPaths
 from enat.cluster.demo_summary import collect, render
 from enat.pipelines import storage
 from enat.pipelines.shards import Manifest, TokenSample, write_manifest, write_shard

@@ -16,10 +16,9 @@ import torch
 from enat.cluster.cli import main
 from enat.evaluation.watch import checkpoints_of, read_records
 from enat.models import VQGANConfig, build_model
-from enat.pipelines import storage
+from enat.pipelines import runs, storage
 from enat.pipelines.model_io import load_model, save_model
 from enat.pipelines.shards import read_manifest, write_manifest
-from enat.trainer import checkpoint
 from enat.trainer.synthetic import SyntheticSpec, write_synthetic_shards
 
 RUN = "watched"
@@ -66,7 +65,7 @@ def test_checkpoints_are_evaluated_once_each_across_watcher_restarts(s3_bucket, 
     monkeypatch.chdir(tmp_path)  # MLflow's local artifact store lands in the working directory
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     root, data = storage.join(s3_bucket, "root"), shards_with_tokenizer(storage.join(s3_bucket, "data"))
-    run_url = checkpoint.run_url(root, RUN)
+    run_url = runs.run_url(root, RUN)
     extractor_id = json.loads(storage.read_bytes(storage.join(small_extractor, "extractor.json")))["id"]
 
     assert train(root, data, small_extractor, steps=2) == 0
@@ -108,9 +107,9 @@ def test_watch_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
 def test_a_checkpoint_pruned_between_listing_and_reading_is_skipped(tmp_path):
     root = str(tmp_path / "root")
     for step in (10, 20):
-        url = checkpoint.step_url(root, "r", step)
-        storage.write_bytes(storage.join(url, checkpoint.CONFIG_NAME), json.dumps({"steps": 20}).encode())
-        storage.write_bytes(storage.join(url, checkpoint.MARKER), json.dumps({"step": step}).encode())
+        url = runs.step_url(root, "r", step)
+        storage.write_bytes(storage.join(url, runs.TRAIN_CONFIG_NAME), json.dumps({"steps": 20}).encode())
+        storage.write_bytes(storage.join(url, runs.MARKER), json.dumps({"step": step}).encode())
     # Pruning deletes step 10's files after the watcher listed its marker.
-    storage.remove(storage.join(checkpoint.step_url(root, "r", 10), checkpoint.CONFIG_NAME))
-    assert checkpoints_of(f"{root}/runs/r") == [(20, checkpoint.step_url(root, "r", 20), 20)]
+    storage.remove(storage.join(runs.step_url(root, "r", 10), runs.TRAIN_CONFIG_NAME))
+    assert checkpoints_of(f"{root}/runs/r") == [(20, runs.step_url(root, "r", 20), 20)]

@@ -23,9 +23,9 @@ from enat.evaluation.metrics import (
     ReferenceStats,
     check_same_extractor,
     compute_fid_stats,
-    compute_metrics,
     extract_features,
     load_extractor,
+    metrics_from_features,
     real_floor,
     reference_stats,
 )
@@ -59,9 +59,16 @@ def noised(images: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
     return np.clip(images.astype(np.float64) + noise, 0, 255).round().astype(np.uint8)
 
 
+def metrics_of(images: np.ndarray, reference: str | ReferenceStats, extractor) -> dict:
+    """What evaluation does (evaluation/evaluate.py): the reference's statistics at 32 px,
+    then the images' features against them."""
+    stats = reference_stats(reference, extractor, 32)
+    return metrics_from_features(extract_features(extractor, ImageTensors(images)), stats, extractor)
+
+
 def test_fid_of_a_set_against_itself_is_zero(demo, extractor):
     images = demo["images"]
-    result = compute_metrics(ImageTensors(images), f"imagenet:{demo['tree']}", extractor, 32)
+    result = metrics_of(images, f"imagenet:{demo['tree']}", extractor)
     assert abs(result["fid"]) < 1e-3
     assert result["extractor_id"] == demo["meta"]["id"]
     assert result["num_samples"] == result["reference_images"] == len(images) == 200
@@ -71,7 +78,7 @@ def test_fid_of_a_set_against_itself_is_zero(demo, extractor):
 def test_fid_grows_with_noise(demo, extractor):
     images = demo["images"]
     stats = reference_stats(f"imagenet:{demo['tree']}", extractor, 32)
-    fids = [compute_metrics(ImageTensors(noised(images, sigma)), stats, extractor, 32)["fid"]
+    fids = [metrics_of(noised(images, sigma), stats, extractor)["fid"]
             for sigma in (0.0, 8.0, 24.0, 64.0)]
     assert fids[0] < 1e-3
     assert all(a < b for a, b in zip(fids, fids[1:], strict=False)), fids
@@ -84,10 +91,10 @@ def test_fid_against_stats_equals_fid_against_files(demo, extractor, tmp_path):
         Image.fromarray(image.transpose(1, 2, 0)).save(folder / f"{i:04d}.png")
     generated = noised(demo["images"][80:], 16.0, seed=1)
 
-    against_files = compute_metrics(ImageTensors(generated), str(folder), extractor, 32)
+    against_files = metrics_of(generated, str(folder), extractor)
     stats = compute_fid_stats(FidStatsConfig(images=str(folder), out=str(tmp_path / "stats.npz"),
                                              extractor=demo["extractor_url"], resolution=32, device="cpu"))
-    against_stats = compute_metrics(ImageTensors(generated), str(tmp_path / "stats.npz"), extractor, 32)
+    against_stats = metrics_of(generated, str(tmp_path / "stats.npz"), extractor)
     assert stats.num_images == 120 and stats.extractor_id == extractor.extractor_id
     assert against_stats["fid"] == pytest.approx(against_files["fid"], rel=1e-9, abs=1e-9)
     assert against_stats["kid"] == pytest.approx(against_files["kid"], rel=1e-9, abs=1e-12)
@@ -103,7 +110,7 @@ def test_fid_against_stats_equals_fid_against_files(demo, extractor, tmp_path):
     adm = tmp_path / "adm.npz"
     np.savez(adm, mu=stats.mu, sigma=stats.sigma)
     with pytest.raises(ExtractorMismatch, match="inception-v3-compat"):
-        compute_metrics(ImageTensors(generated), str(adm), extractor, 32)
+        metrics_of(generated, str(adm), extractor)
 
 
 def test_extractor_registered_and_its_id_stored(demo, extractor, tmp_path):
@@ -120,7 +127,7 @@ def test_extractor_registered_and_its_id_stored(demo, extractor, tmp_path):
     # Stats from another extractor are refused, and so is comparing mixed results.
     other = ReferenceStats(loaded.mu, loaded.sigma, "domain-000000000000", 50)
     with pytest.raises(ExtractorMismatch, match="cannot be compared"):
-        compute_metrics(ImageTensors(demo["images"][:20]), other, extractor, 32)
+        metrics_of(demo["images"][:20], other, extractor)
     with pytest.raises(ExtractorMismatch):
         check_same_extractor({"extractor_id": "inception-v3-compat"}, {"extractor_id": "domain-1"})
     assert check_same_extractor({"extractor_id": extractor.extractor_id}, loaded) == extractor.extractor_id
@@ -129,8 +136,8 @@ def test_extractor_registered_and_its_id_stored(demo, extractor, tmp_path):
 def test_real_floor_is_small_but_positive(demo, extractor):
     floor = real_floor(demo["images"], extractor, seed=0)
     assert floor["num_samples"] == floor["reference_images"] == 100
-    assert 0 < floor["fid"] < compute_metrics(ImageTensors(noised(demo["images"], 64.0)),
-                                              f"imagenet:{demo['tree']}", extractor, 32)["fid"]
+    assert 0 < floor["fid"] < metrics_of(noised(demo["images"], 64.0), f"imagenet:{demo['tree']}",
+                                         extractor)["fid"]
 
 
 def test_missing_inception_weights_is_a_clear_error(tmp_path, monkeypatch):
@@ -160,6 +167,6 @@ def test_inception_from_an_explicit_weights_file(tmp_path, monkeypatch):
     images = np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
     features = extract_features(extractor, ImageTensors(images))
     assert features["2048"].shape == (6, 2048) and features["logits_unbiased"].shape[0] == 6
-    result = compute_metrics(ImageTensors(images), ReferenceStats.from_features(
-        features["2048"], extractor.extractor_id), extractor, 32)
+    result = metrics_of(images, ReferenceStats.from_features(
+        features["2048"], extractor.extractor_id), extractor)
     assert abs(result["fid"]) < 1e-2 and result["is"] > 0

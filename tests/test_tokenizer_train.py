@@ -18,11 +18,10 @@ from enat.cluster.cli import main as cli_main
 from enat.cluster.tokenizer_cmd import resolve_model
 from enat.models.classifier import DomainNet, FeatureDistance
 from enat.models.typed_config import ConfigError
-from enat.pipelines import storage
+from enat.pipelines import runs, storage
 from enat.pipelines.config import DemoDataConfig
 from enat.pipelines.demo_data import make_demo_data
 from enat.pipelines.model_io import load_model, save_classifier
-from enat.trainer import checkpoint
 from enat.trainer.config import TokenizerTrainConfig
 from enat.trainer.image_data import held_out_score, load_image_set
 from enat.trainer.tokenizer_quality import codebook_stats, psnr
@@ -39,7 +38,7 @@ def fast_config(source: str, root: str, **overrides) -> TokenizerTrainConfig:
 
 def saved_steps(config: TokenizerTrainConfig) -> list[int]:
     """Steps of the complete checkpoints (those a reader trusts)."""
-    return [saved.step for saved in checkpoint.scan(config.root, config.run)[0]]
+    return [saved.step for saved in runs.scan(config.root, config.run)[0]]
 
 
 def train(config: TokenizerTrainConfig, **kwargs):
@@ -138,7 +137,7 @@ def test_train_checkpoints_export_and_mlflow(straight, demo_images, mlflow_db) -
     assert result.step == 6 and result.resumed_from == 0 and probe.steps == list(range(6))
     assert saved_steps(config) == [4, 6]  # keep_last=2 pruned step 2
     assert not storage.exists(storage.join(config.run_url, "checkpoints", "step-2"))
-    saved = checkpoint.latest(config.root, config.run)
+    saved = runs.latest(config.root, config.run)
     assert saved.meta["config"]["run"] == "straight" and saved.meta["model"]["kind"] == "vqgan"
 
     exported = load_model(result.export_url)
@@ -233,7 +232,7 @@ def test_perceptual_loss_is_trained_logged_and_recorded(demo_images, tmp_path, m
     assert load_model(result.export_url).model is not None
     exported = json.loads(storage.read_bytes(storage.join(result.export_url, "config.json")))
     assert exported["perceptual_id"] == meta["id"]
-    assert checkpoint.latest(config.root, config.run).meta["perceptual_id"] == meta["id"]
+    assert runs.latest(config.root, config.run).meta["perceptual_id"] == meta["id"]
     from mlflow.tracking import MlflowClient
 
     (run,) = mlflow_runs(mlflow_db, "perceptual")

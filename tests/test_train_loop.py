@@ -18,9 +18,8 @@ import yaml
 
 from enat.cluster.cli import main
 from enat.models import build_config, build_model
-from enat.pipelines import storage
+from enat.pipelines import runs, storage
 from enat.pipelines.model_io import load_model
-from enat.trainer import checkpoint
 from enat.trainer.synthetic import SyntheticSpec, write_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,9 +77,9 @@ def loss_history(tmp_path: Path, run_name: str) -> dict[int, float]:
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tests")
-    runs = client.search_runs([experiment.experiment_id], f"tags.`mlflow.runName` = '{run_name}'")
-    assert len(runs) == 1, f"expected one MLflow run named {run_name}, found {len(runs)}"
-    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    mlflow_runs = client.search_runs([experiment.experiment_id], f"tags.`mlflow.runName` = '{run_name}'")
+    assert len(mlflow_runs) == 1, f"expected one MLflow run named {run_name}, found {len(mlflow_runs)}"
+    history = client.get_metric_history(mlflow_runs[0].info.run_id, "loss")
     assert len(history) == len({m.step for m in history})  # each step logged once
     return {m.step: m.value for m in history}
 
@@ -106,7 +105,7 @@ def two_process_runs(tmp_path_factory):
 @pytest.mark.slow
 def test_resumed_run_repeats_the_uninterrupted_losses_exactly(two_process_runs):
     tmp_path, resumed = two_process_runs
-    assert f"resumed from {checkpoint.step_url(str(tmp_path / 'root'), 'z3r', STOP)}" in resumed.stdout
+    assert f"resumed from {runs.step_url(str(tmp_path / 'root'), 'z3r', STOP)}" in resumed.stdout
     straight, stopped_and_resumed = loss_history(tmp_path, "z3"), loss_history(tmp_path, "z3r")
     assert sorted(straight) == list(range(1, STEPS + 1))
     assert stopped_and_resumed == straight  # steps 1..STOP before the stop, STOP+1.. after it
@@ -122,7 +121,7 @@ def test_zero3_ema_equals_zero0_ema_and_exports_load_without_deepspeed(two_proce
     root = str(tmp_path / "root")
     emas = {}
     for name in ("z0", "z3"):
-        latest = checkpoint.latest(root, name)
+        latest = runs.latest(root, name)
         assert latest.step == STEPS
         emas[name] = load_model(latest.ema_url)
     torch.manual_seed(1)
@@ -139,7 +138,7 @@ def test_zero3_ema_equals_zero0_ema_and_exports_load_without_deepspeed(two_proce
 def test_checkpoint_folder_layout_and_mlflow_record(two_process_runs):
     tmp_path, _ = two_process_runs
     root = str(tmp_path / "root")
-    complete, partial = checkpoint.scan(root, "z3r")
+    complete, partial = runs.scan(root, "z3r")
     assert [c.step for c in complete] == [STOP, 2 * STOP, STEPS] and partial == []
     files = set(complete[-1].meta["files"])
     assert {"data/rank-00000.json", "data/rank-00001.json", "ema/model.safetensors", "ema/config.json",
@@ -171,17 +170,17 @@ def test_nat_baseline_resume_from_url_and_unreachable_mlflow(tmp_path):
     env = environment(tmp_path, MLFLOW_TRACKING_URI="http://127.0.0.1:9", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
                       MLFLOW_HTTP_REQUEST_TIMEOUT="2")
     root = str(tmp_path / "root")
-    fork = f"resume={checkpoint.step_url(root, 'nat', 8)},steps=10"
+    fork = f"resume={runs.step_url(root, 'nat', 8)},steps=10"
     result = run([sys.executable, str(tmp_path / "runner.py"), str(preset), str(tmp_path),
                   "nat|0|", f"nat2|0|{fork}"], env)
     assert "warning: MLflow tracking disabled" in result.stderr
     assert "shard-000002.tar does not match its manifest sha256, skipped" in result.stderr
-    assert [c.step for c in checkpoint.scan(root, "nat")[0]] == [8, 12]  # keep_last=2
+    assert [c.step for c in runs.scan(root, "nat")[0]] == [8, 12]  # keep_last=2
     first = json.loads((tmp_path / "nat-12-rank0.json").read_text())
     fork_result = json.loads((tmp_path / "nat2-10-rank0.json").read_text())
-    assert fork_result["resumed_from"] == checkpoint.step_url(root, "nat", 8)
+    assert fork_result["resumed_from"] == runs.step_url(root, "nat", 8)
     assert fork_result["losses"] == {k: first["losses"][k] for k in ("9", "10")}
-    exported = load_model(checkpoint.latest(root, "nat2").ema_url)
+    exported = load_model(runs.latest(root, "nat2").ema_url)
     assert type(exported.model).__name__ == "UViT" and exported.config.cond_dropout == 0.2
 
 
@@ -200,9 +199,9 @@ def test_bad_inputs_fail_before_training(tmp_path, s3_bucket, capsys, monkeypatc
     assert "unknown key 'model.depth'" in fails("model.depth=3")
     assert "must be 0 for a NAT model" in fails("model=models/tiny-nat")
     root = str(tmp_path / "root")
-    storage.write_bytes(storage.join(checkpoint.step_url(root, "old", 5), checkpoint.MARKER), b'{"step": 5}')
+    storage.write_bytes(storage.join(runs.step_url(root, "old", 5), runs.MARKER), b'{"step": 5}')
     assert "run 'old' already has checkpoints" in fails("run=old", "resume=never")
-    assert "is not a complete checkpoint" in fails("run=new", f"resume={checkpoint.step_url(root, 'old', 9)}")
+    assert "is not a complete checkpoint" in fails("run=new", f"resume={runs.step_url(root, 'old', 9)}")
     os.remove(tmp_path / "data" / "train" / "shard-000001.tar")
     assert "1 of 2 shards listed" in fails()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "enat-not-a-key")  # keys in the env win over the file
@@ -224,7 +223,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     run([*runner, "whole|0|", "cut|8|"], env)
     straight = json.loads((tmp_path / "whole-12-rank0.json").read_text())["losses"]
 
-    step8 = Path(checkpoint.step_url(root, "cut", 8))
+    step8 = Path(runs.step_url(root, "cut", 8))
     states = next(step8.glob("deepspeed/**/mp_rank_00_model_states.pt"))
     data = bytearray(states.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -233,30 +232,30 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert f"{step8.as_posix()} is damaged: deepspeed/" in resumed.stderr
     assert "does not match its sha256; resuming from the previous checkpoint" in resumed.stderr
     result = json.loads((tmp_path / "cut-10-rank0.json").read_text())
-    assert result["resumed_from"] == checkpoint.step_url(root, "cut", 4)
+    assert result["resumed_from"] == runs.step_url(root, "cut", 4)
     assert result["losses"] == {k: straight[k] for k in map(str, range(5, 11))}
 
-    (Path(checkpoint.step_url(root, "cut", 10)) / "ema" / "model.safetensors").unlink()
+    (Path(runs.step_url(root, "cut", 10)) / "ema" / "model.safetensors").unlink()
     resumed = run([*runner, "cut|0|"], env)
     assert "ema/model.safetensors is missing; resuming from the previous checkpoint" in resumed.stderr
     result = json.loads((tmp_path / "cut-12-rank0.json").read_text())
-    assert result["resumed_from"] == checkpoint.step_url(root, "cut", 8)  # saved again after step 4
+    assert result["resumed_from"] == runs.step_url(root, "cut", 8)  # saved again after step 4
     assert result["losses"] == {k: straight[k] for k in map(str, range(9, 13))}
 
     # Someone who can write the bucket swaps an engine file for a pickle that calls a
     # function, and updates the marker's sha256 to match: it is refused, never unpickled.
     ran = tmp_path / "payload-ran"
-    step12 = Path(checkpoint.step_url(root, "cut", 12))
+    step12 = Path(runs.step_url(root, "cut", 12))
     states = next(step12.glob("deepspeed/**/mp_rank_00_model_states.pt"))
     torch.save({"module": Payload(f"touch {ran}")}, states)
-    marker = json.loads((step12 / checkpoint.MARKER).read_text())
+    marker = json.loads((step12 / runs.MARKER).read_text())
     marker["sha256"][states.relative_to(step12).as_posix()] = hashlib.sha256(states.read_bytes()).hexdigest()
-    (step12 / checkpoint.MARKER).write_text(json.dumps(marker))
+    (step12 / runs.MARKER).write_text(json.dumps(marker))
     resumed = run([*runner, "cut|0|steps=13"], env)
     assert "mp_rank_00_model_states.pt cannot be read as tensors and plain data" in resumed.stderr
     assert not ran.exists()
     assert json.loads((tmp_path / "cut-13-rank0.json").read_text())["resumed_from"] == \
-        checkpoint.step_url(root, "cut", 8)  # 10 lost its EMA weights above
+        runs.step_url(root, "cut", 8)  # 10 lost its EMA weights above
 
 
 class Payload:
@@ -289,3 +288,15 @@ def test_enat_ranks_share_mask_counts_but_draw_their_own_positions():
     assert all(positions is None for _, positions in nat)
     ratios = [mask_tokens(ids, 64, MaskingConfig(), counts, False)[1].sum(1) for counts, _ in nat]
     assert not torch.equal(*ratios)
+
+
+def test_lr_warms_up_then_holds_or_decays_to_its_floor():
+    """The schedule of both trainers: the generator's LambdaLR and the tokenizer's loop."""
+    from enat.trainer.lr_schedule import lr_multiplier
+
+    assert [lr_multiplier(step, 10, 4) for step in range(1, 5)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_multiplier(7, 10, 4, "constant") == 1.0
+    cosine = [lr_multiplier(step, 10, 4, "cosine", min_ratio=0.1) for step in range(4, 11)]
+    assert cosine[0] == 1.0 and cosine[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(cosine, cosine[1:], strict=False))
+    assert lr_multiplier(12, 10, 4) == 0.0  # past the last step: the floor

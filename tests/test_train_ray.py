@@ -16,9 +16,8 @@ import psutil
 import pytest
 
 from enat.cluster.cli import main
-from enat.pipelines import storage
+from enat.pipelines import runs, storage
 from enat.pipelines.model_io import load_model
-from enat.trainer import checkpoint
 from enat.trainer.synthetic import SyntheticSpec, write_synthetic_shards
 
 STEPS, EVERY = 300, 100
@@ -27,10 +26,10 @@ RUN = "ray-zero2"
 
 def visible_but_incomplete(root: str) -> list[str]:
     """Checkpoints marked complete (before and after listing their files) that lack a file."""
-    before = {c.url: c for c in checkpoint.scan(root, RUN)[0]}
-    fs, base = storage.filesystem(checkpoint.checkpoints_url(root, RUN))
+    before = {c.url: c for c in runs.scan(root, RUN)[0]}
+    fs, base = storage.filesystem(runs.checkpoints_url(root, RUN))
     files = {p[len(base.rstrip("/")) + 1 :] for p in fs.find(base)} if fs.exists(base) else set()
-    after = {c.url for c in checkpoint.scan(root, RUN)[0]}
+    after = {c.url for c in runs.scan(root, RUN)[0]}
     return [f"{url}/{name}" for url, c in before.items() if url in after for name in c.meta["files"]
             if f"{url.rsplit('/', 1)[-1]}/{name}" not in files]
 
@@ -49,7 +48,7 @@ class WorkerKiller(threading.Thread):
         while not self.done.is_set():
             try:
                 self.violations += visible_but_incomplete(self.root)
-                if self.killed is None and checkpoint.latest(self.root, RUN) is not None:
+                if self.killed is None and runs.latest(self.root, RUN) is not None:
                     workers = [p for p in psutil.Process().children(recursive=True)
                                if "RayTrainWorker" in " ".join(p.cmdline())]
                     if len(workers) == 2:
@@ -86,21 +85,21 @@ def test_two_ray_workers_zero2_on_s3_survive_a_killed_worker(s3_bucket, s3_keys_
     assert killer.violations == []
 
     # Checkpoints in S3: the last two (keep_last), complete; nothing half-written left behind.
-    complete, partial = checkpoint.scan(root, RUN)
+    complete, partial = runs.scan(root, RUN)
     assert [c.step for c in complete] == [STEPS - EVERY, STEPS] and partial == []
     assert complete[-1].meta["world_size"] == 2 and complete[-1].meta["zero_stage"] == 2
-    assert storage.listdir(storage.join(checkpoint.run_url(root, RUN), "ray"))  # Ray's bookkeeping
+    assert storage.listdir(storage.join(runs.run_url(root, RUN), "ray"))  # Ray's bookkeeping
     assert type(load_model(complete[-1].ema_url).model).__name__ == "ENAT"
 
     # MLflow: one run, resumed once, with its metrics; the loss fell clearly.
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("ray-test").experiment_id])
-    assert len(runs) == 1
-    found = runs[0]
+    mlflow_runs = client.search_runs([client.get_experiment_by_name("ray-test").experiment_id])
+    assert len(mlflow_runs) == 1
+    found = mlflow_runs[0]
     assert found.info.status == "FINISHED"
-    assert found.data.tags["enat.resumed_from"].startswith(checkpoint.checkpoints_url(root, RUN))
+    assert found.data.tags["enat.resumed_from"].startswith(runs.checkpoints_url(root, RUN))
     assert found.data.tags["checkpoint.latest"] == complete[-1].url
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_s"} <= set(found.data.metrics)
     # The keys were in the environment (as a user may export them); Ray never saw them.

@@ -1,19 +1,11 @@
-"""Checkpoints on storage: published atomically, pruned to the last few, resumed from.
+"""Checkpoints on storage: published atomically, pruned to the last few, restored.
 
-Layout of one checkpoint, `{root}/runs/<run>/checkpoints/step-<n>/`:
-- `deepspeed/`            the engine's state (model, optimizer, LR schedule), one or more
-                          files per rank, as DeepSpeed's save_checkpoint wrote them
-- `ema/`                  the EMA weights as an exported model (model.safetensors +
-                          config.json): `pipelines.model_io.load_model(<that url>)` loads it
-                          without DeepSpeed
-- `data/rank-<r>.json`    each rank's data-stream position
-- `train_config.json`     the run's config
-- `checkpoint.json`       the marker, written last by rank 0 once every rank has uploaded
-
-Object stores have no atomic folder rename, so the marker is what makes a checkpoint:
-readers only consider step folders that have one. A crash mid-save leaves a folder without
-a marker, which no reader uses and the next start deletes. Pruning removes a checkpoint's
-marker before its files, so a complete-looking folder never lacks a file.
+Where a checkpoint's files live, and how readers find complete checkpoints, is
+pipelines/runs.py's. A checkpoint exists once its marker does, so this module writes every
+file first and the marker last (rank 0, once every rank has uploaded). A crash mid-save
+leaves a folder without a marker, which no reader uses and the next start deletes. Pruning
+removes a checkpoint's marker before its files, so a complete-looking folder never lacks a
+file.
 
 DeepSpeed saves to a local directory: each rank saves into its own temporary directory and
 uploads what it wrote; on resume each rank downloads the shared files plus its own.
@@ -24,10 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-import re
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,123 +25,33 @@ import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 
 from enat.models.config import ModelConfig
-from enat.models.errors import UserError
-from enat.pipelines import model_io, storage
+from enat.pipelines import model_io, runs, storage
+from enat.pipelines.runs import Checkpoint, CheckpointError
 
-MARKER = "checkpoint.json"
-DEEPSPEED_DIR = "deepspeed"
-EMA_DIR = "ema"
-DATA_DIR = "data"
-CONFIG_NAME = "train_config.json"
 FORMAT_VERSION = 2  # 2: the marker records every file's sha256
-STEP_FOLDER = re.compile(r"step-(\d+)")
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint is incomplete or does not fit the run that wants to resume from it."""
 
 
 class CorruptCheckpoint(CheckpointError):
     """A file of a marked checkpoint is missing or differs from the sha256 its marker recorded."""
 
 
-def run_url(root: str, run: str) -> str:
-    return storage.join(root, "runs", run)
-
-
-def checkpoints_url(root: str, run: str) -> str:
-    return storage.join(run_url(root, run), "checkpoints")
-
-
-def step_url(root: str, run: str, step: int) -> str:
-    return storage.join(checkpoints_url(root, run), f"step-{step}")
-
-
-@dataclass
-class Checkpoint:
-    url: str
-    step: int
-    meta: dict[str, Any]
-
-    @property
-    def ema_url(self) -> str:
-        return storage.join(self.url, EMA_DIR)
-
-
-def _step_of(url: str) -> int | None:
-    match = STEP_FOLDER.fullmatch(url.rstrip("/").rsplit("/", 1)[-1])
-    return int(match.group(1)) if match else None
-
-
-def open_checkpoint(url: str) -> Checkpoint:
-    """The complete checkpoint at `url` (a step-<n> folder), or CheckpointError."""
-    marker = storage.join(url, MARKER)
-    if not storage.exists(marker):
-        raise CheckpointError(f"{url} is not a complete checkpoint (no {MARKER}): pick a step-<n> "
-                              f"folder that has one")
-    meta = json.loads(storage.read_bytes(marker))
-    return Checkpoint(url.rstrip("/"), int(meta["step"]), meta)
-
-
-def scan(root: str, run: str) -> tuple[list[Checkpoint], list[str]]:
-    """(complete checkpoints by step, URLs of step folders without a marker), from one
-    listing; folders without files (some S3 servers keep emptied folders) do not count."""
-    url = checkpoints_url(root, run)
-    fs, base = storage.filesystem(url)
-    base = base.rstrip("/")
-    names: dict[int, set[str]] = {}
-    for path in (fs.find(base) if fs.exists(base) else []):
-        folder, _, name = path[len(base) + 1 :].partition("/")
-        step = _step_of(folder)
-        if step is not None:
-            names.setdefault(step, set()).add(name)
-    complete, partial = [], []
-    for step in sorted(names):
-        step_folder = storage.join(url, f"step-{step}")
-        if MARKER in names[step]:
-            meta = json.loads(fs.cat_file(f"{base}/step-{step}/{MARKER}"))
-            complete.append(Checkpoint(step_folder, step, meta))
-        else:
-            partial.append(step_folder)
-    return complete, partial
-
-
-def latest(root: str, run: str) -> Checkpoint | None:
-    complete, _ = scan(root, run)
-    return complete[-1] if complete else None
-
-
-def resume_target(root: str, run: str, resume: str) -> Checkpoint | None:
-    """What a run starts from. `resume` is "auto" (the run's latest checkpoint, or none),
-    "never" (a fresh start; an error if the run has checkpoints) or a step-<n> folder URL,
-    which is used only while the run has no checkpoint of its own: a restarted run
-    continues from its own progress, not again from that folder."""
-    own = latest(root, run)
-    if resume == "never" and own is not None:
-        raise CheckpointError(f"run '{run}' already has checkpoints (latest {own.url}): use "
-                              f"resume=auto to continue it, or another run name")
-    if own is not None or resume in ("auto", "never"):
-        return own
-    return open_checkpoint(resume)
-
-
 def _remove(url: str) -> None:
-    storage.remove(storage.join(url, MARKER))  # first: the folder stops being a checkpoint
+    storage.remove(storage.join(url, runs.MARKER))  # first: the folder stops being a checkpoint
     storage.remove(url, recursive=True)
 
 
 def clean_partial(root: str, run: str) -> list[str]:
     """Delete step folders left without a marker by a crash (only one writer per run)."""
-    _, partial = scan(root, run)
+    _, partial = runs.scan(root, run)
     for url in partial:
         storage.remove(url, recursive=True)
-    storage.remove_temporaries(checkpoints_url(root, run))
+    storage.remove_temporaries(runs.checkpoints_url(root, run))
     return partial
 
 
 def prune(root: str, run: str, keep_last: int) -> list[str]:
     """Keep the newest `keep_last` complete checkpoints; returns the URLs removed."""
-    complete, _ = scan(root, run)
+    complete, _ = runs.scan(root, run)
     old = complete[:-keep_last] if keep_last > 0 else []
     for checkpoint in old:
         _remove(checkpoint.url)
@@ -193,19 +93,20 @@ def save(url: str, step: int, engine: Any, ema_model: Any, ema_config: ModelConf
     folder = _Folder(url)
     written: dict[str, str] = {}  # file name -> sha256 of what was uploaded
     with tempfile.TemporaryDirectory(prefix=f"enat-ckpt-{rank}-") as tmp:
-        engine.save_checkpoint(tmp, tag=DEEPSPEED_DIR, save_latest=False)
-        for path in sorted((Path(tmp) / DEEPSPEED_DIR).rglob("*")):
+        engine.save_checkpoint(tmp, tag=runs.DEEPSPEED_DIR, save_latest=False)
+        for path in sorted((Path(tmp) / runs.DEEPSPEED_DIR).rglob("*")):
             if path.is_file():
                 name = path.relative_to(tmp).as_posix()
                 folder.put(path, name)
                 written[name] = _sha256_file(path)
-    small = {f"{DATA_DIR}/rank-{rank:05d}.json": json.dumps(data_position).encode()}
+    small = {f"{runs.DATA_DIR}/rank-{rank:05d}.json": json.dumps(data_position).encode()}
     if rank == 0:
-        weights = model_io.save_model(storage.join(url, EMA_DIR), ema_model, ema_config, extra={"step": step})
-        written[f"{EMA_DIR}/{model_io.WEIGHTS_NAME}"] = weights  # save_model returns its sha256
-        ema_config_name = f"{EMA_DIR}/{model_io.CONFIG_NAME}"  # small: read back to hash what was stored
+        weights = model_io.save_model(storage.join(url, runs.EMA_DIR), ema_model, ema_config,
+                                      extra={"step": step})
+        written[f"{runs.EMA_DIR}/{model_io.WEIGHTS_NAME}"] = weights  # save_model returns its sha256
+        ema_config_name = f"{runs.EMA_DIR}/{model_io.CONFIG_NAME}"  # small: read back, hash what was stored
         written[ema_config_name] = hashlib.sha256(folder.read(ema_config_name)).hexdigest()
-        small[CONFIG_NAME] = json.dumps(train_config, indent=1).encode()
+        small[runs.TRAIN_CONFIG_NAME] = json.dumps(train_config, indent=1).encode()
     for name, data in small.items():
         folder.write(name, data)
         written[name] = hashlib.sha256(data).hexdigest()
@@ -215,7 +116,7 @@ def save(url: str, step: int, engine: Any, ema_model: Any, ema_config: ModelConf
     info = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "time": time.time(),
             "files": sorted(digests), "sha256": digests, **meta}
     if rank == 0:
-        storage.write_bytes(storage.join(url, MARKER), json.dumps(info, indent=1).encode())
+        storage.write_bytes(storage.join(url, runs.MARKER), json.dumps(info, indent=1).encode())
     dist.barrier()  # nobody moves on (or reports the checkpoint) before it is published
     return Checkpoint(url, step, info)
 
@@ -240,7 +141,7 @@ def engine_files(checkpoint: Checkpoint, rank: int) -> list[str]:
     Names come from the marker, which anyone who can write the bucket can edit: one that
     would land outside the download folder is refused."""
     own = f"zero_pp_rank_{rank}_"
-    needed = [f for f in checkpoint.meta["files"] if f.startswith(f"{DEEPSPEED_DIR}/")
+    needed = [f for f in checkpoint.meta["files"] if f.startswith(f"{runs.DEEPSPEED_DIR}/")
               and ("zero_pp_rank_" not in f or posixpath.basename(f).startswith(own))]
     for name in needed:
         if ".." in name.split("/") or "\\" in name:
@@ -315,24 +216,19 @@ def load(checkpoint: Checkpoint, engine: Any, ema: Any) -> dict[str, Any] | None
                 problems.append(f"{name} does not match its sha256")
             elif refused := _refuses_code(Path(tmp) / name, name):
                 problems.append(refused)
-        small = {name: folder.read(name) for name in (f"{EMA_DIR}/{model_io.WEIGHTS_NAME}",
-                                                       f"{DATA_DIR}/rank-{rank:05d}.json")}
+        small = {name: folder.read(name) for name in (f"{runs.EMA_DIR}/{model_io.WEIGHTS_NAME}",
+                                                       f"{runs.DATA_DIR}/rank-{rank:05d}.json")}
         for name, data in small.items():
             if data is None and name in expected:
                 problems.append(f"{name} is missing")
             elif data is not None and name in expected and hashlib.sha256(data).hexdigest() != expected[name]:
                 problems.append(f"{name} does not match its sha256")
         _check_intact(checkpoint, problems)
-        path, _ = engine.load_checkpoint(tmp, tag=DEEPSPEED_DIR, load_module_strict=True,
+        path, _ = engine.load_checkpoint(tmp, tag=runs.DEEPSPEED_DIR, load_module_strict=True,
                                          load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load the engine state from {checkpoint.url}")
-    ema.load_state_dict(load_safetensors(small[f"{EMA_DIR}/{model_io.WEIGHTS_NAME}"]))
-    data = small[f"{DATA_DIR}/rank-{rank:05d}.json"]
+    ema.load_state_dict(load_safetensors(small[f"{runs.EMA_DIR}/{model_io.WEIGHTS_NAME}"]))
+    data = small[f"{runs.DATA_DIR}/rank-{rank:05d}.json"]
     return json.loads(data) if data is not None else None
 
-
-def previous(checkpoint: Checkpoint, root: str, run: str) -> Checkpoint | None:
-    """The run's newest complete checkpoint before `checkpoint` (the fallback from a damaged one)."""
-    older = [c for c in scan(root, run)[0] if c.step < checkpoint.step]
-    return older[-1] if older else None

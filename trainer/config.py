@@ -13,6 +13,7 @@ from typing import Literal
 
 from enat.models.config import ENATConfig, MaskingConfig, NATConfig
 from enat.models.typed_config import ConfigError, check
+from enat.pipelines import runs
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -159,6 +160,4 @@ class TokenizerTrainConfig:
 
     @property
     def run_url(self) -> str:
-        from enat.trainer import checkpoint
-
-        return checkpoint.run_url(self.root, self.run)
+        return runs.run_url(self.root, self.run)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -38,22 +37,20 @@ import torch
 import torch.distributed as dist
 
 from enat.models import ReuseState, build_model, config_to_dict
-from enat.models.config import ENATConfig, NATConfig
 from enat.models.device import bf16_supported
 from enat.models.layers import drop_condition
 from enat.models.masking import mask_tokens, masked_token_loss, previous_step_input
 from enat.models.typed_config import to_dict
-from enat.pipelines import storage
+from enat.pipelines import runs, storage
 from enat.pipelines.tracking import Tracker
 from enat.trainer import checkpoint
 from enat.trainer.config import TrainConfig
 from enat.trainer.data import Batch, StreamPosition, TokenStream, open_dataset
 from enat.trainer.distributed import import_deepspeed, init_distributed
 from enat.trainer.ema import EMA
+from enat.trainer.lr_schedule import lr_multiplier
 from enat.trainer.metrics import Meter, matmul_peak, train_flops_per_sample
 from enat.trainer.validation import validation_batch, validation_loss
-
-TRAINABLE = {"enat": ENATConfig, "nat": NATConfig}
 
 
 @dataclass
@@ -85,15 +82,8 @@ def masking_generators(seed: int, step: int, micro: int, rank: int,
 
 def lr_factor(config: TrainConfig) -> Callable[[int], float]:
     """LambdaLR factor; optimizer step n (1-based) uses factor(n - 1)."""
-    def factor(index: int) -> float:
-        step = index + 1
-        if step <= config.warmup_steps:
-            return step / config.warmup_steps
-        if config.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
+    return lambda index: lr_multiplier(index + 1, config.steps, config.warmup_steps, config.schedule,
+                                       config.min_lr_ratio)
 
 
 class Trainer:
@@ -152,7 +142,7 @@ class Trainer:
 
     # -- start: resume, tracking ---------------------------------------------------------
 
-    def _resume_target(self) -> checkpoint.Checkpoint | None:
+    def _resume_target(self) -> runs.Checkpoint | None:
         """Rank 0 decides (and cleans up crash leftovers); everyone gets the same answer."""
         config, found = self.config, [None]
         if self.rank == 0:
@@ -160,8 +150,8 @@ class Trainer:
             if removed:
                 print(f"removed {len(removed)} incomplete checkpoint folder(s): {', '.join(removed)}")
             try:
-                found = [checkpoint.resume_target(config.root, config.run, config.resume)]
-            except checkpoint.CheckpointError as err:
+                found = [runs.resume_target(config.root, config.run, config.resume)]
+            except runs.CheckpointError as err:
                 found = [err]
         dist.broadcast_object_list(found, src=0)
         if isinstance(found[0], Exception):
@@ -170,7 +160,7 @@ class Trainer:
 
     def _start_tracking(self) -> None:
         config = self.config
-        tracking_url = storage.join(checkpoint.run_url(config.root, config.run), "tracking.json")
+        tracking_url = storage.join(runs.run_url(config.root, config.run), "tracking.json")
         run_id = json.loads(storage.read_bytes(tracking_url))["mlflow_run_id"] \
             if config.tracking and storage.exists(tracking_url) else None
         tags = {"enat.run": config.run, "enat.root": config.root, "enat.model": self.kind}
@@ -254,7 +244,7 @@ class Trainer:
         config = self.config
         if self.val_batch is not None:
             self._validate(step)
-        url = checkpoint.step_url(config.root, config.run, step)
+        url = runs.step_url(config.root, config.run, step)
         saved = checkpoint.save(url, step, self.engine, self.ema.model, self.export_config,
                                 self.stream.position().to_dict(), to_dict(config),
                                 meta={"zero_stage": config.zero_stage, "model": self.model_dict,
@@ -283,8 +273,8 @@ class Trainer:
             except checkpoint.CorruptCheckpoint as err:
                 # Every rank got the same error (load checks collectively); only the run's
                 # own checkpoints have an earlier one to fall back to.
-                target = checkpoint.previous(target, config.root, config.run) \
-                    if target.url.startswith(checkpoint.checkpoints_url(config.root, config.run)) else None
+                target = runs.previous(target, config.root, config.run) \
+                    if target.url.startswith(runs.checkpoints_url(config.root, config.run)) else None
                 if target is None:
                     raise
                 if self.rank == 0:

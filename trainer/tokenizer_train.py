@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import tempfile
 import time
@@ -46,11 +45,12 @@ from enat.models import VQGAN, VQGANConfig, config_to_dict
 from enat.models.classifier import FeatureDistance
 from enat.models.device import pick_device
 from enat.models.typed_config import ConfigError, check, to_dict
-from enat.pipelines import model_io, storage
+from enat.pipelines import model_io, runs, storage
 from enat.pipelines.tracking import Tracker
 from enat.trainer import checkpoint
 from enat.trainer.config import TokenizerTrainConfig
 from enat.trainer.image_data import ImageSet, load_image_set
+from enat.trainer.lr_schedule import lr_multiplier
 from enat.trainer.tokenizer_quality import Evaluation, codebook_stats, evaluate, reconstruction_grid
 
 WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state.safetensors"
@@ -67,7 +67,9 @@ ExtraLoss = Callable[[Tensor, Tensor, int], Tensor]
 
 
 @dataclass
-class TrainResult:
+class TokenizerTrainResult:
+    """What train_tokenizer ends with (the generator's loop returns trainer.loop.TrainResult)."""
+
     step: int
     resumed_from: int  # 0 for a fresh run
     evaluation: Evaluation
@@ -84,12 +86,12 @@ def check_model(config: TokenizerTrainConfig, model_config: object) -> VQGANConf
     return model_config
 
 
-# ---- checkpoints (the layout and marker rules of trainer.checkpoint) ----
+# ---- checkpoints (the layout and marker rules of pipelines.runs) ----
 
 def save_checkpoint(config: TokenizerTrainConfig, step: int, model: VQGAN, optimizer: torch.optim.Optimizer,
                     last_used: Tensor, meta: dict) -> str:
     """Write every file, then the checkpoint.json marker; then prune to keep_last."""
-    url = checkpoint.step_url(config.root, config.run, step)
+    url = runs.step_url(config.root, config.run, step)
     storage.remove(url, recursive=True)  # what an interrupted save of this very step left
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     storage.write_bytes(storage.join(url, WEIGHTS_FILE), save_safetensors(weights))
@@ -98,12 +100,12 @@ def save_checkpoint(config: TokenizerTrainConfig, step: int, model: VQGAN, optim
     storage.write_bytes(storage.join(url, OPTIMIZER_FILE), buffer.getvalue())
     storage.write_bytes(storage.join(url, STATE_FILE), save_safetensors({"last_used": last_used.cpu()}))
     marker = json.dumps({"step": step, "time": time.time(), **meta}, indent=1).encode()
-    storage.write_bytes(storage.join(url, checkpoint.MARKER), marker)
+    storage.write_bytes(storage.join(url, runs.MARKER), marker)
     checkpoint.prune(config.root, config.run, config.keep_last)
     return url
 
 
-def load_checkpoint(saved: checkpoint.Checkpoint, model: VQGAN, optimizer: torch.optim.Optimizer) -> Tensor:
+def load_checkpoint(saved: runs.Checkpoint, model: VQGAN, optimizer: torch.optim.Optimizer) -> Tensor:
     """Restore model and optimizer in place; returns the codes' last-used steps."""
     if saved.meta.get("model") != config_to_dict(model.config):
         raise ConfigError(f"bad value for 'run': its checkpoint {saved.url} holds another model; "
@@ -135,10 +137,8 @@ def batch_indices(num_images: int, batch_size: int, seed: int, step: int) -> Ten
 
 
 def learning_rate(config: TokenizerTrainConfig, step: int) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    """The learning rate of step `step` (0-based, as this loop counts)."""
+    return config.lr * lr_multiplier(step + 1, config.steps, config.warmup_steps)
 
 
 def restart_dead_codes(model: VQGAN, encodings: Tensor, last_used: Tensor, step: int,
@@ -198,7 +198,7 @@ class _TokenizerTraining:
         self.last_used = torch.zeros(model_config.codebook_size, dtype=torch.long)
         checkpoint.clean_partial(config.root, config.run)
         self.start, previous_run_id = 0, None
-        latest = checkpoint.latest(config.root, config.run)
+        latest = runs.latest(config.root, config.run)
         if latest:
             self.last_used = load_checkpoint(latest, self.model, self.optimizer)
             self.start, previous_run_id = latest.step, latest.meta.get("mlflow_run_id")
@@ -309,7 +309,7 @@ class _TokenizerTraining:
 
 
 def train_tokenizer(config: TokenizerTrainConfig, model_config: VQGANConfig,
-                    extra_losses: Sequence[ExtraLoss] = (), progress: bool = True) -> TrainResult:
+                    extra_losses: Sequence[ExtraLoss] = (), progress: bool = True) -> TokenizerTrainResult:
     """Train (or resume, or only re-export a finished run) and return the final figures."""
     started = time.monotonic()
     check_model(config, model_config)
@@ -325,4 +325,5 @@ def train_tokenizer(config: TokenizerTrainConfig, model_config: VQGANConfig,
             raise
     finally:
         torch.set_num_threads(threads)  # the caller's process keeps its own setting
-    return TrainResult(step, training.start, result, export_url, grid_url, time.monotonic() - started)
+    return TokenizerTrainResult(step, training.start, result, export_url, grid_url,
+                                time.monotonic() - started)
