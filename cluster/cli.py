@@ -19,18 +19,19 @@ from enat.cluster.command import Command
 from enat.cluster.config import load_config
 from enat.models.errors import UserError
 
-# Each module lists its subcommands in `commands()` (group -> name -> Command; group ""
-# holds top-level commands) and may describe its groups in GROUP_HELP.
+# Each cluster/*_cmd.py lists its subcommands in `commands()` (group -> name -> Command;
+# group "" holds top-level commands) and may describe its groups in GROUP_HELP. Their
+# top-level imports stay light (configs, no torch): the heavy work is imported when a
+# command runs.
 COMMAND_MODULES = [
-    "enat.cluster.basic_commands",
+    "enat.cluster.local_cmd",
     "enat.cluster.tokenizer_cmd",
-    "enat.cluster.train_cmd",
-    "enat.cluster.submit",
     "enat.cluster.pretokenize_cmd",
+    "enat.cluster.train_cmd",
+    "enat.cluster.search_train_cmd",
     "enat.cluster.eval_cmd",
-    "enat.cluster.eval_watch",
     "enat.cluster.search_cmd",
-    "enat.cluster.search_train",
+    "enat.cluster.submit_cmd",
 ]
 
 

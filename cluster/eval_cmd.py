@@ -7,6 +7,8 @@
 - `enat eval train-features --data TREE --out DIR`: the domain feature extractor.
 - `enat eval floor --images SET extractor=DIR`: FID between two disjoint halves of a
   real set, the floor any generator's FID is read against.
+- `enat eval watch <run> reference=... [extractor=...]`: each new checkpoint of a training
+  run evaluated as a Ray task (cluster/eval_watch.py), FID against step in the run's MLflow.
 
 FID, KID and IS are logged under `<metric>/<extractor id>` (e.g. `fid/domain-3f2a...`), so
 MLflow never draws values from different extractors on one chart.
@@ -22,6 +24,7 @@ from typing import Any
 
 from enat.cluster.command import Command
 from enat.cluster.config import load_config
+from enat.evaluation.config import EvalConfig, FeatureTrainConfig, FidStatsConfig, SampleConfig, WatchConfig
 from enat.models.typed_config import check, to_dict
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -125,6 +128,24 @@ class FloorConfig:
         check(bool(self.images), "images", "a real image set", self.images)
 
 
+def _watch(config: WatchConfig, _args: argparse.Namespace) -> int:
+    from enat.cluster.eval_watch import describe_record, watch
+    from enat.cluster.ray_session import ray_session
+    from enat.evaluation.watch import read_records
+    from enat.pipelines import runs
+
+    # Before Ray starts: a wrong folder is a one-line error, not a cluster connection.
+    check(f"/{runs.RUNS_DIR}/" in config.run, "run", "a training run folder, <root>/runs/<run>", config.run)
+    with ray_session():
+        evaluated = watch(config)
+    records = read_records(config.run)
+    print(f"{len(evaluated)} checkpoint(s) evaluated now, {len(records)} in the run's records "
+          f"({config.run}/evals)")
+    for step in sorted(records):
+        print(f"  step {step}: {describe_record(records[step])}")
+    return 0
+
+
 def _floor(config: FloorConfig, _args: argparse.Namespace) -> int:
     from enat.evaluation.evaluate import metrics_line
     from enat.evaluation.image_sets import ImageSet, read_all
@@ -141,8 +162,6 @@ def _floor(config: FloorConfig, _args: argparse.Namespace) -> int:
 
 
 def commands() -> dict[str, dict[str, Command]]:
-    from enat.evaluation.config import EvalConfig, FeatureTrainConfig, FidStatsConfig, SampleConfig
-
     return {
         "": {
             "sample": _with_checkpoint("sample images from a checkpoint's EMA weights (PNGs, npz, grid)",
@@ -157,11 +176,14 @@ def commands() -> dict[str, dict[str, Command]]:
             "train-features": Command("train the domain feature extractor on a class-folder tree",
                                       FeatureTrainConfig, _train_features,
                                       {"--data": "data", "--out": "out"}),
+            "watch": Command("evaluate each new checkpoint of a training run as a Ray task",
+                             WatchConfig, _watch, positional="run"),
             "floor": Command("FID between two disjoint halves of a real image set", FloorConfig,
                              _floor, {"--images": "images"}),
         },
     }
 
 
-GROUP_HELP = {"eval": "evaluation: checkpoint metrics, the domain feature extractor, the real-data floor"}
+GROUP_HELP = {"eval": "evaluation: checkpoint metrics, a run's checkpoints as they land, the domain "
+                      "feature extractor, the real-data floor"}
 GROUP_DEFAULT = {"eval": "checkpoint"}  # `enat eval <checkpoint>`

@@ -1,6 +1,5 @@
-"""`enat eval watch <run>`: evaluate each new checkpoint of a training run as a Ray task.
-
-    enat eval watch s3://enat/demo/runs/tiny-enat-demo reference=<stats.npz> extractor=<url>
+"""Evaluate each new checkpoint of a training run as a Ray task: what `enat eval watch <run>`
+and `enat train ... eval.watch=true` run.
 
 The watcher polls the run's checkpoints, hands each complete one without an evaluation
 record to a Ray task (`num_cpus`, and `num_gpus` of a GPU when the cluster has GPUs, so
@@ -16,25 +15,21 @@ watcher beside the training workers and drains it when training ends.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import threading
 import time
 from typing import Any
 
-from enat.cluster.command import Command
 from enat.cluster.jobs import TrainEvalConfig
 from enat.evaluation.config import WatchConfig
 from enat.evaluation.watch import checkpoints_of, evaluate_step, read_records
-from enat.models.typed_config import check
-from enat.pipelines import runs
 
 
 def _say(message: str) -> None:
     print(f"eval watch: {message}", file=sys.stderr, flush=True)
 
 
-def _describe(record: dict[str, Any]) -> str:
+def describe_record(record: dict[str, Any]) -> str:
     from enat.evaluation.evaluate import metrics_line
 
     return (f"{metrics_line(record)}  [extractor {record['extractor_id']}, {record['num_samples']} samples, "
@@ -51,7 +46,6 @@ def watch(config: WatchConfig, stop: threading.Event | None = None) -> dict[int,
 
     from enat.cluster.ray_session import cluster_has_gpus
 
-    check(f"/{runs.RUNS_DIR}/" in config.run, "run", "a training run folder, <root>/runs/<run>", config.run)
     options: dict[str, Any] = {"num_cpus": config.num_cpus, "max_retries": 1}
     if cluster_has_gpus():
         options["num_gpus"] = config.num_gpus
@@ -79,7 +73,7 @@ def watch(config: WatchConfig, stop: threading.Event | None = None) -> dict[int,
                 step = in_flight.pop(ref)
                 try:
                     evaluated[step] = ray.get(ref)
-                    _say(f"step {step}: {_describe(evaluated[step])}")
+                    _say(f"step {step}: {describe_record(evaluated[step])}")
                 except Exception as err:  # noqa: BLE001 - one bad checkpoint must not end the watch
                     failed.add(step)
                     reason = str(err).splitlines()[-1][:300]
@@ -129,21 +123,3 @@ class BackgroundWatch:
         if self.error is not None:
             _say(f"stopped with an error: {self.error}; "
                  f"rerun `enat eval watch {self.config.run} ...` to finish")
-
-
-def _run(config: WatchConfig, _args: argparse.Namespace) -> int:
-    from enat.cluster.ray_session import ray_session
-
-    with ray_session():
-        evaluated = watch(config)
-    records = read_records(config.run)
-    print(f"{len(evaluated)} checkpoint(s) evaluated now, {len(records)} in the run's records "
-          f"({config.run}/evals)")
-    for step in sorted(records):
-        print(f"  step {step}: {_describe(records[step])}")
-    return 0
-
-
-def commands() -> dict[str, dict[str, Command]]:
-    return {"eval": {"watch": Command("evaluate each new checkpoint of a training run as a Ray task",
-                                      WatchConfig, _run, positional="run")}}

@@ -5,6 +5,10 @@ reference; all trials share seeds and labels. The best strategy is written
 as AutoNAT-format YAML to `{out}/strategy.yaml` (what `enat sample` and `enat eval` take
 as `strategy=`), with plots of FID per update and of the schedules before and after, and
 an MLflow parent run with one nested run per trial. Rerunning the same command resumes.
+
+The strategy search has three layers, one module each: evaluation/schedule_search.py is
+AutoNAT's update (pure, no Ray), cluster/tune_search.py runs it as Ray Tune trials, and this
+module is the `enat search` job around them (config, FID objective, MLflow, plots, summary).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Literal
 from enat.cluster.command import Command
 from enat.evaluation.schedule_search import SearchHyperparameters
 from enat.models.strategy import Strategy
-from enat.models.typed_config import check, to_dict
+from enat.models.typed_config import ConfigError, check, to_dict
 from enat.pipelines import runs, storage
 from enat.pipelines.tracking import Tracker
 
@@ -66,7 +70,8 @@ class SearchConfig:
             return self.out
         marker = f"/{runs.CHECKPOINTS_DIR}/"
         if marker not in self.checkpoint:
-            raise ValueError("set out=<URL>: the checkpoint is not inside a run folder")
+            raise ConfigError("missing required key 'out': the checkpoint is not inside a run folder, "
+                              "so set out=<URL>")
         return storage.join(self.checkpoint.split(marker)[0], "search", self.name)
 
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from enat.models.config import ENATConfig, NATConfig, VQGANConfig
 from enat.models.enat import ENAT
+from enat.models.errors import UserError
 from enat.models.uvit import UViT
 from enat.models.vqgan import VQGAN
 
@@ -58,7 +59,7 @@ _HEAD_RULES: list[Rule] = [
 ]
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
     """A reference state dict does not convert exactly onto our model."""
 
 

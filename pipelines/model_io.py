@@ -40,6 +40,10 @@ REFERENCE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
 DEFAULT_REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs/models/maskgit-vqgan-f16.yaml"
 
 
+class ClassifierMismatch(UserError, ValueError):
+    """A domain classifier's weights are not the ones its metadata names."""
+
+
 class NotATokenizer(UserError, ValueError):
     """A tokenizer URL holds another kind of model than a VQGAN."""
 
@@ -128,7 +132,7 @@ def load_classifier(url: str, device: str | torch.device = "cpu") -> tuple[Domai
     meta = json.loads(storage.read_bytes(meta_url))
     data = storage.read_bytes(storage.join(url, CLASSIFIER_WEIGHTS))
     if classifier_id(data) != meta["id"]:
-        raise ValueError(f"domain classifier at {url}: weights do not match the id {meta['id']} in "
+        raise ClassifierMismatch(f"domain classifier at {url}: weights do not match the id {meta['id']} in "
                          f"{CLASSIFIER_META} (a partial or edited copy); retrain or recopy it")
     net = DomainNet(len(meta["classes"]), meta["width"])
     net.load_state_dict(load_safetensors(data), strict=True)

@@ -103,6 +103,19 @@ def test_the_cli_builds_every_command_without_importing_torch():
     assert result.stdout.strip() == ""
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["search", "/tmp/not-a-run/step-1", "reference=r.npz"], "set out=<URL>"),
+    (["submit", "--"], "nothing to submit"),
+    (["eval", "watch", "/tmp/not-a-run", "reference=r.npz"], "a training run folder"),
+])
+def test_user_errors_of_any_command_exit_2_with_one_line(argv, message, capsys):
+    from enat.cluster.cli import main
+
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("enat: error: ") and message in error[0]
+
+
 def test_eval_group_takes_a_checkpoint_directly():
     from enat.cluster.cli import all_commands, with_default_subcommand
 

@@ -10,7 +10,7 @@ import pytest
 
 from enat.cluster.cli import main
 from enat.cluster.jobs import TrainSearchConfig, TrainSearchJob
-from enat.cluster.search_train import trial_config
+from enat.cluster.search_train_cmd import trial_config
 from enat.models.config import MaskingConfig
 from enat.pipelines import storage
 from enat.trainer.config import ValidationConfig

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from enat.cluster.services import free_port, pid_alive
-from enat.cluster.submit import checkout_package, entrypoint, job_environment
+from enat.cluster.submit_cmd import checkout_package, entrypoint, job_environment
 from enat.models import VQGANConfig, build_model
+from enat.models.typed_config import ConfigError
 from enat.pipelines.config import DemoDataConfig
 from enat.pipelines.demo_data import make_demo_data
 from enat.pipelines.model_io import save_model
@@ -86,7 +87,7 @@ def test_entrypoint_and_environment_never_carry_secrets(monkeypatch):
     assert entrypoint(["train", "x=1"], working_dir=True) == "python -m enat.cluster.cli train x=1"
     assert job_environment(False) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:1"}
     # Forwarding credentials forwards where they are, never keys; without a file, it refuses.
-    with pytest.raises(SystemExit, match="never keys"):
+    with pytest.raises(ConfigError, match="never keys"):
         job_environment(True)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/shared/aws-credentials")
     assert job_environment(True) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_PROFILE": "team",

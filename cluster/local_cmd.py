@@ -1,4 +1,4 @@
-"""The foundation's subcommands: the demo, embedded services, demo data."""
+"""The local machine's subcommands: the demo, the embedded services, the demo data."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from enat.cluster.command import Command
+from enat.cluster.demo_config import DemoConfig
+from enat.pipelines.config import DemoDataConfig
 
 
 def _services_command(action: str) -> Command:
@@ -69,9 +71,6 @@ def _demo(config: Any, args: argparse.Namespace) -> int:
 
 
 def commands() -> dict[str, dict[str, Command]]:
-    from enat.cluster.demo_config import DemoConfig
-    from enat.pipelines.config import DemoDataConfig
-
     return {
         "": {"demo": Command("run the end-to-end demo on embedded services", DemoConfig, _demo)},
         "services": {a: _services_command(a) for a in ("up", "down", "status", "env")},

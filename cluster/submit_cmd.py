@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from enat.cluster.command import Command
+from enat.models.typed_config import ConfigError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 FORWARDED_SETTINGS = ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL",
@@ -38,7 +39,7 @@ def client(address: str | None):
 
 def job_environment(forward_credentials: bool) -> dict[str, str]:
     if forward_credentials and not os.environ.get("AWS_SHARED_CREDENTIALS_FILE"):
-        raise SystemExit("enat: error: --forward-credentials forwards a credentials file's location, never "
+        raise ConfigError("--forward-credentials forwards a credentials file's location, never "
                          "keys (Ray logs a job's env): set AWS_SHARED_CREDENTIALS_FILE to a file the "
                          "cluster's nodes can read, or give the cluster its own credentials")
     names = FORWARDED_SETTINGS + (CREDENTIAL_LOCATIONS if forward_credentials else ())
@@ -72,7 +73,7 @@ def entrypoint(command: list[str], working_dir: bool) -> str:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise SystemExit("enat: error: nothing to submit; usage: enat submit -- <enat command …>")
+        raise ConfigError("nothing to submit; usage: enat submit -- <enat command …>")
     if command[0] == "enat":
         command = command[1:]
     prefix = ["python", "-m", "enat.cluster.cli"] if working_dir else ["enat"]
@@ -82,6 +83,8 @@ def entrypoint(command: list[str], working_dir: bool) -> str:
 def submit(args: argparse.Namespace, agent_wait: float = 90.0) -> int:
     import tempfile
 
+    command = entrypoint(args.enat_command, args.working_dir)  # bad input fails before connecting
+    job_environment(args.forward_credentials)
     jobs = client(args.address)
     deadline = time.monotonic() + agent_wait
     with tempfile.TemporaryDirectory(prefix="enat-submit-") as staging:
@@ -89,10 +92,8 @@ def submit(args: argparse.Namespace, agent_wait: float = 90.0) -> int:
         while True:
             try:
                 job_id = jobs.submit_job(  # uploads the package before it returns
-                    entrypoint=entrypoint(args.enat_command, args.working_dir),
-                    runtime_env=runtime_env(package, args.forward_credentials),
-                    submission_id=args.job_id,
-                )
+                    entrypoint=command, runtime_env=runtime_env(package, args.forward_credentials),
+                    submission_id=args.job_id)
                 break
             except RuntimeError as err:
                 # A head that just started answers 500 until its job agent is up.
