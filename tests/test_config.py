@@ -125,3 +125,25 @@ def test_eval_group_takes_a_checkpoint_directly():
     assert with_default_subcommand(["--state-dir", "s", "eval", "u"], groups, defaults) == [
         "--state-dir", "s", "eval", "checkpoint", "u"]
     assert with_default_subcommand(["eval", "floor", "x=1"], groups, defaults) == ["eval", "floor", "x=1"]
+
+
+def test_a_model_section_is_a_union_keyed_by_kind_and_may_name_a_preset(tmp_path):
+    from enat.cluster.config import preset_path, read_yaml
+    from enat.cluster.jobs import TrainJob
+    from enat.models.config import ENATConfig, NATConfig
+    from enat.models.typed_config import from_dict, to_dict
+
+    preset = tmp_path / "job.yaml"
+    preset.write_text("model: models/tiny-enat\nmasking:\n  reuse_prob: 0.0\n")
+    job = load_config(TrainJob, str(preset), ["model.width=32"])
+    assert isinstance(job.model, ENATConfig) and job.model.width == 32  # the preset's other keys stay
+    assert job.model.encoder_depth == read_yaml(preset_path("models/tiny-enat"))["encoder_depth"]
+    replaced = load_config(TrainJob, str(preset), ["model=models/tiny-nat"])
+    assert isinstance(replaced.model, NATConfig)
+    # The object round-trips through its plain form, kind included: what a checkpoint records.
+    assert to_dict(job)["model"]["kind"] == "enat"
+    assert from_dict(TrainJob, to_dict(job)) == job
+    with pytest.raises(ConfigError, match="'model.kind': expected one of 'enat', 'nat', got 'gan'"):
+        load_config(TrainJob, str(preset), ["model.kind=gan"])
+    with pytest.raises(ConfigError, match="bad value for 'kind': expected one of 'nat', got 'enat'"):
+        from_dict(NATConfig, {"kind": "enat"})
