@@ -21,7 +21,6 @@ from enat.pipelines import runs, storage
 
 EVALS_DIR = "evals"
 RECORD = re.compile(r"step-(\d+)\.json")
-TRACKING_FILE = "tracking.json"  # written by the training loop: {"mlflow_run_id": ...}
 
 
 def evals_url(run_url: str) -> str:
@@ -59,7 +58,7 @@ def checkpoints_of(run_url: str) -> list[tuple[int, str, int]]:
 
 def training_run_id(run_url: str) -> str | None:
     """The MLflow run the training loop logs to, if it tracks."""
-    url = storage.join(run_url, TRACKING_FILE)
+    url = storage.join(run_url, runs.TRACKING_NAME)
     return json.loads(storage.read_bytes(url)).get("mlflow_run_id") if storage.exists(url) else None
 
 

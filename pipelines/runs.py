@@ -38,6 +38,7 @@ DEEPSPEED_DIR = "deepspeed"
 EMA_DIR = "ema"
 DATA_DIR = "data"
 TRAIN_CONFIG_NAME = "train_config.json"
+TRACKING_NAME = "tracking.json"  # {"mlflow_run_id": ...}: the loop writes it, evaluations log there
 STEP_FOLDER = re.compile(r"step-(\d+)")
 
 

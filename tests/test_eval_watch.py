@@ -80,7 +80,7 @@ def test_checkpoints_are_evaluated_once_each_across_watcher_restarts(s3_bucket, 
     assert records[4]["checkpoint"].endswith("step-4/ema") and records[4]["fid"] > 0
     assert storage.exists(storage.join(run_url, "evals", "step-4", "grid.png"))
 
-    run_id = json.loads(storage.read_bytes(storage.join(run_url, "tracking.json")))["mlflow_run_id"]
+    run_id = json.loads(storage.read_bytes(storage.join(run_url, runs.TRACKING_NAME)))["mlflow_run_id"]
     assert records[2]["mlflow_run_id"] == records[4]["mlflow_run_id"] == run_id
     history = fid_history(run_id, extractor_id)
     assert history == [(2, pytest.approx(records[2]["fid"])), (4, pytest.approx(records[4]["fid"]))]

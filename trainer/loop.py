@@ -160,7 +160,7 @@ class Trainer:
 
     def _start_tracking(self) -> None:
         config = self.config
-        tracking_url = storage.join(runs.run_url(config.root, config.run), "tracking.json")
+        tracking_url = storage.join(runs.run_url(config.root, config.run), runs.TRACKING_NAME)
         run_id = json.loads(storage.read_bytes(tracking_url))["mlflow_run_id"] \
             if config.tracking and storage.exists(tracking_url) else None
         tags = {"enat.run": config.run, "enat.root": config.root, "enat.model": self.kind}
