@@ -134,8 +134,7 @@ def _watch(config: WatchConfig, _args: argparse.Namespace) -> int:
     from enat.evaluation.watch import read_records
     from enat.pipelines import runs
 
-    # Before Ray starts: a wrong folder is a one-line error, not a cluster connection.
-    check(f"/{runs.RUNS_DIR}/" in config.run, "run", "a training run folder, <root>/runs/<run>", config.run)
+    runs.split_run_url(config.run)  # before Ray starts: a wrong folder is a one-line error
     with ray_session():
         evaluated = watch(config)
     records = read_records(config.run)

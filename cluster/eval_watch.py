@@ -23,6 +23,7 @@ from typing import Any
 from enat.cluster.jobs import TrainEvalConfig
 from enat.evaluation.config import WatchConfig
 from enat.evaluation.watch import checkpoints_of, evaluate_step, read_records
+from enat.models.typed_config import narrow
 
 
 def _say(message: str) -> None:
@@ -97,10 +98,7 @@ class BackgroundWatch:
     """The watcher in a thread of the training driver: started before training, drained after."""
 
     def __init__(self, config: TrainEvalConfig, run_url: str):
-        from enat.models.typed_config import from_dict, to_dict
-
-        fields = {key: value for key, value in to_dict(config).items() if key != "watch"}
-        self.config = from_dict(WatchConfig, {**fields, "run": run_url})
+        self.config = narrow(config, WatchConfig, run=run_url)
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="eval-watch", daemon=True)

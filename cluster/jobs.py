@@ -10,12 +10,11 @@ object. No torch here: `enat train --help` must not load it.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 from enat.evaluation.config import WatchConfig
-from enat.models.typed_config import ConfigError, check
+from enat.models.typed_config import ConfigError, check, narrow
 from enat.trainer.config import TrainConfig
 
 
@@ -54,7 +53,7 @@ class TrainJob(TrainConfig):
 
     def loop_config(self) -> TrainConfig:
         """The part the workers run: the job without its driver-only sections."""
-        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
+        return narrow(self, TrainConfig)
 
 
 @dataclass

@@ -40,8 +40,8 @@ def client(address: str | None):
 def job_environment(forward_credentials: bool) -> dict[str, str]:
     if forward_credentials and not os.environ.get("AWS_SHARED_CREDENTIALS_FILE"):
         raise ConfigError("--forward-credentials forwards a credentials file's location, never "
-                         "keys (Ray logs a job's env): set AWS_SHARED_CREDENTIALS_FILE to a file the "
-                         "cluster's nodes can read, or give the cluster its own credentials")
+                          "keys (Ray logs a job's env): set AWS_SHARED_CREDENTIALS_FILE to a file the "
+                          "cluster's nodes can read, or give the cluster its own credentials")
     names = FORWARDED_SETTINGS + (CREDENTIAL_LOCATIONS if forward_credentials else ())
     return {name: os.environ[name] for name in names if os.environ.get(name)}
 
@@ -58,10 +58,11 @@ def checkout_package(into: Path) -> Path:
     return package
 
 
-def runtime_env(package: Path | None, forward_credentials: bool) -> dict[str, Any]:
-    """The job's runtime env: settings (never keys), and the checkout's `enat` package when
-    one is given (the cluster's Python must already have the dependencies)."""
-    env: dict[str, Any] = {"env_vars": job_environment(forward_credentials)}
+def runtime_env(package: Path | None, env_vars: dict[str, str]) -> dict[str, Any]:
+    """The job's runtime env: `env_vars` (job_environment: settings, never keys), and the
+    checkout's `enat` package when one is given (the cluster's Python must already have the
+    dependencies)."""
+    env: dict[str, Any] = {"env_vars": env_vars}
     if package is not None:
         env["py_modules"] = [str(package)]
     return env
@@ -84,7 +85,7 @@ def submit(args: argparse.Namespace, agent_wait: float = 90.0) -> int:
     import tempfile
 
     command = entrypoint(args.enat_command, args.working_dir)  # bad input fails before connecting
-    job_environment(args.forward_credentials)
+    env_vars = job_environment(args.forward_credentials)
     jobs = client(args.address)
     deadline = time.monotonic() + agent_wait
     with tempfile.TemporaryDirectory(prefix="enat-submit-") as staging:
@@ -92,7 +93,7 @@ def submit(args: argparse.Namespace, agent_wait: float = 90.0) -> int:
         while True:
             try:
                 job_id = jobs.submit_job(  # uploads the package before it returns
-                    entrypoint=command, runtime_env=runtime_env(package, args.forward_credentials),
+                    entrypoint=command, runtime_env=runtime_env(package, env_vars),
                     submission_id=args.job_id)
                 break
             except RuntimeError as err:

@@ -165,6 +165,12 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(config)
 
 
+def narrow(config: Any, cls: type[T], **changes: Any) -> T:
+    """`config`, an instance of a subclass of dataclass `cls`, as a plain `cls` (validated
+    again), with `changes`: e.g. a job without the sections only its driver reads."""
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.init} | changes)
+
+
 def check(condition: bool, key: str, requirement: str, value: Any) -> None:
     """Raise ConfigError unless `condition`: used in __post_init__ for range checks."""
     if not condition:

@@ -46,15 +46,19 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint is incomplete or does not fit the run that wants to resume from it."""
 
 
+class NotARunFolder(UserError, ValueError):
+    """A URL that should name a training run folder, `<root>/runs/<run>`, does not."""
+
+
 def run_url(root: str, run: str) -> str:
     return storage.join(root, RUNS_DIR, run)
 
 
 def split_run_url(url: str) -> tuple[str, str]:
-    """(root, run) of a run folder URL, `<root>/runs/<run>`; ValueError for anything else."""
+    """(root, run) of a run folder URL, `<root>/runs/<run>`; NotARunFolder for anything else."""
     root, separator, run = url.rstrip("/").rpartition(f"/{RUNS_DIR}/")
     if not separator or not run:
-        raise ValueError(f"{url} is not a training run folder: expected <root>/{RUNS_DIR}/<run>")
+        raise NotARunFolder(f"{url} is not a training run folder: expected <root>/{RUNS_DIR}/<run>")
     return root, run
 
 
