@@ -46,6 +46,11 @@ def documents(path: Path) -> list[Any]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
+def rayjob() -> dict[str, Any]:
+    (job,) = [doc for doc in documents(RAYJOB) if doc["kind"] == "RayJob"]
+    return job
+
+
 # -- enat commands -------------------------------------------------------------------------
 
 def parse_enat(argv: list[str]) -> tuple[list[str], argparse.Namespace]:
@@ -91,7 +96,7 @@ def comment_commands(path: Path) -> list[list[str]]:
 def manifest_commands(path: Path) -> list[list[str]]:
     commands = comment_commands(path)
     if path == RAYJOB:
-        commands += [shlex.split(doc["spec"]["entrypoint"]) for doc in documents(path)]
+        commands.append(shlex.split(rayjob()["spec"]["entrypoint"]))
     return commands
 
 
@@ -124,9 +129,75 @@ def rayjob_gpus(job: dict[str, Any]) -> int:
 
 
 def pod_containers(job: dict[str, Any]) -> list[dict[str, Any]]:
+    return [container for template in pod_templates(job) for container in template["spec"]["containers"]]
+
+
+def pod_templates(job: dict[str, Any]) -> list[dict[str, Any]]:
     spec = job["spec"]["rayClusterSpec"]
-    templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
-    return [container for template in templates for container in template["spec"]["containers"]]
+    return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+
+
+# -- who may reach the cluster ----------------------------------------------------------------
+
+DASHBOARD_PORT = 8265  # the Job API: it runs any code it is sent
+
+
+def rayjob_auth_gaps(job: dict[str, Any]) -> list[str]:
+    """Why the RayJob's cluster would accept requests without Ray's token."""
+    options = job["spec"]["rayClusterSpec"].get("authOptions", {})
+    gaps = [] if options.get("mode") == "token" else ["authOptions.mode is not token"]
+    if not options.get("secretName"):
+        gaps.append("authOptions.secretName is not set: the token Secret's name is not known in advance")
+    for container in pod_containers(job):
+        for env in container.get("env", []):
+            if env["name"] == "RAY_AUTH_MODE" and env.get("value") != "token":
+                gaps.append(f"{container['name']} sets RAY_AUTH_MODE={env.get('value')}")
+            if env["name"] == "RAY_AUTH_TOKEN" and "value" in env:
+                gaps.append(f"{container['name']} has the token written out")
+    return gaps
+
+
+def launcher_auth_gaps(config: dict[str, Any]) -> list[str]:
+    """Why the launcher's nodes would start Ray without token authentication."""
+    gaps = []
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for command in config[key]:
+            if re.search(r"\bray start\b", command) and not re.search(r"\bRAY_AUTH_MODE=token\s+ray start\b",
+                                                                        command):
+                gaps.append(f"{key}: `{command[:60]}` starts Ray without RAY_AUTH_MODE=token")
+    if config.get("file_mounts", {}).get("~/.ray/auth_token") != "~/.ray/auth_token":
+        gaps.append("file_mounts does not copy ~/.ray/auth_token to the nodes")
+    return gaps
+
+
+def network_policy_gaps(job: dict[str, Any], policies: list[dict[str, Any]]) -> list[str]:
+    """Who besides the cluster's own pods may connect to them: a NetworkPolicy must select
+    every Ray pod and let in only its own pods, plus named pods on the dashboard port."""
+    own = [template.get("metadata", {}).get("labels", {}) for template in pod_templates(job)]
+    covering = [policy for policy in policies
+                if "Ingress" in policy["spec"].get("policyTypes", [])
+                and (selector := policy["spec"]["podSelector"].get("matchLabels"))
+                and all(selector.items() <= labels.items() for labels in own)]
+    if not covering:
+        return ["no NetworkPolicy selects all of the RayJob's pods"]
+    gaps = []
+    for policy in covering:
+        own_selector = policy["spec"]["podSelector"]["matchLabels"]
+        for index, rule in enumerate(policy["spec"].get("ingress", [])):
+            peers = rule.get("from", [])
+            if not peers:
+                gaps.append(f"ingress rule {index} admits every source")
+                continue
+            if all(set(peer) == {"podSelector"} and peer["podSelector"].get("matchLabels") == own_selector
+                   for peer in peers):
+                continue  # the cluster's own pods, on any port
+            ports = [port.get("port") for port in rule.get("ports", [])]
+            if ports != [DASHBOARD_PORT]:
+                gaps.append(f"ingress rule {index} opens ports {ports or 'all'} to other pods")
+            for peer in peers:
+                if "ipBlock" in peer or not peer.get("podSelector", {}).get("matchLabels"):
+                    gaps.append(f"ingress rule {index} admits {peer}: not a named pod")
+    return gaps
 
 
 def literal_credentials(node: Any, where: str = "") -> list[str]:
@@ -193,7 +264,7 @@ def test_enat_commands_parse_and_their_presets_load(path):
 
 @pytest.mark.parametrize("path", [RAY_CLUSTER, RAYJOB], ids=lambda p: p.name)
 def test_the_cluster_has_the_gpus_the_preset_trains_on(path):
-    (manifest,) = documents(path)
+    manifest = rayjob() if path == RAYJOB else documents(path)[0]
     gpus = rayjob_gpus(manifest) if path == RAYJOB else ray_cluster_gpus(manifest)
     for argv in manifest_commands(path):
         for train, launch in check_enat(argv):
@@ -204,8 +275,8 @@ def test_the_cluster_has_the_gpus_the_preset_trains_on(path):
 
 def test_rayjob_pods_take_settings_from_the_secret_only():
     docs = documents(RAYJOB)
-    assert [doc["kind"] for doc in docs] == ["RayJob"], "a live Secret would overwrite the real keys"
-    (job,) = docs
+    assert "Secret" not in [doc["kind"] for doc in docs], "a live Secret would overwrite the real keys"
+    job = rayjob()
     secret = example_secret(RAYJOB.read_text())
     assert secret["kind"] == "Secret" and SECRET_KEYS <= set(secret["stringData"])
     assert all(re.fullmatch(r"<[^>]+>", value) for value in secret["stringData"].values()), "not placeholders"
@@ -232,10 +303,21 @@ def test_images_run_the_pinned_ray():
     (config,) = documents(RAY_CLUSTER)
     docker = config["docker"]
     assert {docker["image"], docker.get("head_image", base), docker.get("worker_image", base)} == {base}
-    (job,) = documents(RAYJOB)
+    job = rayjob()
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == pin
     for container in pod_containers(job):
         assert container["image"].endswith(f"-ray{pin}-py311-gpu"), container["image"]
+
+
+def test_only_token_holders_reach_the_job_api():
+    assert not rayjob_auth_gaps(rayjob())
+    (config,) = documents(RAY_CLUSTER)
+    assert not launcher_auth_gaps(config)
+
+
+def test_a_network_policy_fences_the_rayjob_pods():
+    policies = [doc for doc in documents(RAYJOB) if doc["kind"] == "NetworkPolicy"]
+    assert not network_policy_gaps(rayjob(), policies)
 
 
 # -- the checks themselves ------------------------------------------------------------------
@@ -254,7 +336,7 @@ def test_checks_catch_broken_manifests():
     no_gpus["available_node_types"]["gpu_8xa100"]["resources"].pop("GPU")
     with pytest.raises(AssertionError, match="requests no GPU"):
         ray_cluster_gpus(no_gpus)
-    (job,) = documents(RAYJOB)
+    job = rayjob()
     cpu_only = copy.deepcopy(job)
     for container in pod_containers(cpu_only):
         for section in container["resources"].values():
@@ -269,3 +351,26 @@ def test_checks_catch_broken_manifests():
     assert literal_credentials(["export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY}"]) == []
     assert literal_credentials({"env": [{"name": "AWS_ACCESS_KEY_ID", "valueFrom": {}}]}) == []
     assert credential_patterns("key: AKIAABCDEFGHIJKLMNOP")
+
+    no_auth = copy.deepcopy(job)
+    no_auth["spec"]["rayClusterSpec"].pop("authOptions")
+    assert len(rayjob_auth_gaps(no_auth)) == 2
+    pod_containers(no_auth)[1]["env"] = [{"name": "RAY_AUTH_MODE", "value": "disabled"}]
+    assert "ray-worker sets RAY_AUTH_MODE=disabled" in rayjob_auth_gaps(no_auth)
+    open_launcher = copy.deepcopy(config)
+    open_launcher["worker_start_ray_commands"][-1] = "ray start --address=$RAY_HEAD_IP:6379"
+    open_launcher["file_mounts"].pop("~/.ray/auth_token")
+    assert len(launcher_auth_gaps(open_launcher)) == 2
+
+    policies = [doc for doc in documents(RAYJOB) if doc["kind"] == "NetworkPolicy"]
+    assert network_policy_gaps(job, []) == ["no NetworkPolicy selects all of the RayJob's pods"]
+    unlabelled = copy.deepcopy(job)
+    unlabelled["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"].pop("metadata")
+    assert network_policy_gaps(unlabelled, policies) == ["no NetworkPolicy selects all of the RayJob's pods"]
+    wide_open = copy.deepcopy(policies)
+    wide_open[0]["spec"]["ingress"].append({})
+    assert network_policy_gaps(job, wide_open) == ["ingress rule 2 admits every source"]
+    any_port = copy.deepcopy(policies)
+    any_port[0]["spec"]["ingress"][1].pop("ports")
+    any_port[0]["spec"]["ingress"][1]["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}})
+    assert len(network_policy_gaps(job, any_port)) == 2
