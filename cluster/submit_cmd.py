@@ -12,14 +12,17 @@ and Tune copies it to every trial. Secrets never go on a command line and are ne
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from enat.cluster.command import Command
+from enat.models.errors import UserError
 from enat.models.typed_config import ConfigError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -31,10 +34,31 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_FOLDERS = ("models", "trainer", "pipelines", "cluster", "evaluation", "configs")
 
 
+class ClusterRefused(UserError, PermissionError):
+    """The cluster's Job API wants Ray's token and did not get the right one."""
+
+
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS)
+
+
+def _token_refusals_as_user_errors(action: Callable[..., int]) -> Callable[..., int]:
+    """Ray's AuthenticationError (HTTP 401/403 from a cluster with token authentication) as
+    one line that says how to present the token, instead of Ray's traceback."""
+    @functools.wraps(action)
+    def guarded(*args: Any, **kwargs: Any) -> int:
+        from ray.exceptions import AuthenticationError
+
+        try:
+            return action(*args, **kwargs)
+        except AuthenticationError as err:
+            raise ClusterRefused(
+                "the Ray cluster refused the request for lack of its token: set RAY_AUTH_MODE=token "
+                "and RAY_AUTH_TOKEN_PATH to a 0600 file holding the token (or put it in "
+                "~/.ray/auth_token); see the README, 'Who may reach a cluster'") from err
+    return guarded
 
 
 def job_environment(forward_credentials: bool) -> dict[str, str]:
@@ -81,6 +105,7 @@ def entrypoint(command: list[str], working_dir: bool) -> str:
     return shlex.join(prefix + command)
 
 
+@_token_refusals_as_user_errors
 def submit(args: argparse.Namespace, agent_wait: float = 90.0) -> int:
     import tempfile
 
@@ -127,6 +152,7 @@ def wait(address: str | None, job_id: str, follow_logs: bool = False, timeout: f
         time.sleep(1.0)
 
 
+@_token_refusals_as_user_errors
 def jobs_action(action: str, args: argparse.Namespace) -> int:
     jobs = client(args.address)
     if action == "list":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,10 +30,16 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """`ray start --head --block` in its own process group, stopped by that group's PID."""
+    """`ray start --head --block` with token authentication, as the cluster manifests start
+    it, in its own process group, stopped by that group's PID. Yields (dashboard URL, the
+    environment that presents the token, the head's temp dir with its session logs)."""
     temp = tmp_path_factory.mktemp("ray")
+    token = temp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    with_token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     dashboard = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**os.environ, **with_token, "PATH": f"{BIN}:{os.environ['PATH']}"}
     command = [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
                "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={dashboard}", "--num-cpus=1", f"--temp-dir={temp}",
@@ -45,17 +52,19 @@ def ray_head(tmp_path_factory):
     head = subprocess.Popen(command, env=env, stdout=open(temp / "head.log", "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
+    request = urllib.request.Request(f"{address}/api/version",
+                                     headers={"Authorization": f"Bearer {token.read_text()}"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+            with urllib.request.urlopen(request, timeout=2):
                 break
         except OSError:
             assert head.poll() is None, (temp / "head.log").read_text()[-2000:]
             time.sleep(1)
     else:
         pytest.fail("the Ray head's dashboard did not come up")
-    yield address
+    yield address, with_token, temp
     # `ray start --block` leaves its group on SIGTERM slowly or not at all: give it a
     # moment, then kill what remains of the group it leads.
     os.killpg(head.pid, signal.SIGTERM)
@@ -70,8 +79,11 @@ def ray_head(tmp_path_factory):
 
 
 def enat(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "enat.cluster.cli", *args], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **(env or {})})
+    """`enat …` in a subprocess; `env` adds variables to this process's (None removes one)."""
+    merged = {**os.environ, **(env or {})}
+    env = {name: value for name, value in merged.items() if value is not None}
+    return subprocess.run([sys.executable, "-m", "enat.cluster.cli", *args], capture_output=True, text=True,
+                          timeout=600, env=env)
 
 
 def test_entrypoint_and_environment_never_carry_secrets(monkeypatch):
@@ -107,7 +119,8 @@ def test_checkout_ships_as_the_enat_package(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_submit_poll_logs_and_list(ray_head, tmp_path):
+def test_submit_poll_logs_and_list(ray_head, tmp_path, secret_nowhere):
+    ray_head, with_token, head_files = ray_head
     make_demo_data(DemoDataConfig(out=str(tmp_path / "data"), limit=12, cc3m_shard_size=5), progress=False)
     tokenizer = VQGANConfig(codebook_size=32, code_dim=8, base_channels=32, channel_mult=(1, 1, 1),
                             image_size=32)
@@ -117,23 +130,47 @@ def test_submit_poll_logs_and_list(ray_head, tmp_path):
     # Endpoint settings travel in the job's runtime env; the job's own `ray.init` must not
     # name them again (Ray refuses two envs that set the same variable).
     settings = {"AWS_SECRET_ACCESS_KEY": secret, "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
-                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    submitted = enat("submit", "--address", ray_head, "--", "enat", "pretokenize",
-                     f"source=imagenet:{tmp_path / 'data' / 'imagenet'}", f"out={out}",
-                     f"tokenizer={tmp_path / 'tokenizer'}", "shard_size=5", "track=false", env=settings)
+                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", **with_token}
+    command = ["--", "enat", "pretokenize", f"source=imagenet:{tmp_path / 'data' / 'imagenet'}", f"out={out}",
+               f"tokenizer={tmp_path / 'tokenizer'}", "shard_size=5", "track=false"]
+    # Without the cluster's token, or with another one, nothing is submitted: one line, exit 2.
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 64)
+    for refused_env in ({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN_PATH": None},
+                        {**with_token, "RAY_AUTH_TOKEN_PATH": str(wrong)}):
+        refused = enat("submit", "--address", ray_head, *command, env={**settings, **refused_env})
+        assert refused.returncode == 2, refused.stderr
+        last = refused.stderr.strip().splitlines()[-1]
+        assert last.startswith("enat: error: the Ray cluster refused") and "Traceback" not in refused.stderr
+    assert enat("jobs", "list", "--address", ray_head,
+                env={"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN_PATH": None}).returncode == 2
+
+    submitted = enat("submit", "--address", ray_head, *command, env=settings)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().splitlines()[-1]
     assert job_id.startswith("raysubmit_")
 
-    waited = enat("jobs", "wait", "--address", ray_head, job_id, "--timeout", "300")
-    logs = enat("jobs", "logs", "--address", ray_head, job_id).stdout
+    waited = enat("jobs", "wait", "--address", ray_head, job_id, "--timeout", "300", env=with_token)
+    logs = enat("jobs", "logs", "--address", ray_head, job_id, env=with_token).stdout
     assert waited.returncode == 0, logs[-3000:]
-    assert enat("jobs", "status", "--address", ray_head, job_id).stdout.strip() == "SUCCEEDED"
+    assert enat("jobs", "status", "--address", ray_head, job_id, env=with_token).stdout.strip() == "SUCCEEDED"
     assert "ray: cluster" in logs and secret not in logs
+    token = Path(with_token["RAY_AUTH_TOKEN_PATH"]).read_text()
+    assert token not in logs and token not in json.dumps(job_info(ray_head, with_token, job_id))
+    secret_nowhere(secret, head_files, out)  # the head's session logs, the job's outputs
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["totals"]["written"] == 12 and len(manifest["splits"]["train"]) == 3
-    listed = enat("jobs", "list", "--address", ray_head).stdout
+    listed = enat("jobs", "list", "--address", ray_head, env=with_token).stdout
     assert job_id in listed and "SUCCEEDED" in listed
     failing = enat("submit", "--address", ray_head, "--working-dir", "--wait", "--",
-                   "data", "demo", "bogus=1")
+                   "data", "demo", "bogus=1", env=with_token)
     assert failing.returncode == 1 and "unknown key 'bogus'" in failing.stdout
+
+
+def job_info(address: str, with_token: dict[str, str], job_id: str) -> dict:
+    """The job as the cluster records it (its runtime env included), read with the token."""
+    token = Path(with_token["RAY_AUTH_TOKEN_PATH"]).read_text()
+    request = urllib.request.Request(f"{address}/api/jobs/{job_id}",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
