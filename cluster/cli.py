@@ -17,6 +17,7 @@ from typing import Any
 
 from enat.cluster.command import Command
 from enat.cluster.config import load_config
+from enat.cluster.ray_session import keep_local_ray_on_loopback
 from enat.models.errors import UserError
 
 # Each cluster/*_cmd.py lists its subcommands in `commands()` (group -> name -> Command;
@@ -132,6 +133,7 @@ def command_config(args: argparse.Namespace) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_local_ray_on_loopback()  # before any command imports Ray
     args = parse(sys.argv[1:] if argv is None else argv)
     if not hasattr(args, "command"):
         args.print_help()

@@ -1,8 +1,8 @@
 """Connecting to Ray, the one way every enat command does it.
 
 RAY_ADDRESS names a cluster (`ray start --head`, `ray up`, KubeRay, or the address `enat
-submit` gives a job); without it a private local Ray starts, loopback-only, sized by
-`num_cpus`. Commands hold Ray for a block, `with ray_session(...):`. Workers of a local
+submit` gives a job); without it a private local Ray starts, listening on loopback only,
+sized by `num_cpus`. Commands hold Ray for a block, `with ray_session(...):`. Workers of a local
 Ray inherit this process's environment; on a cluster only the non-secret endpoint
 variables are forwarded: credentials come from the cluster's own environment (instance
 profile, Kubernetes Secret), never from this process.
@@ -33,6 +33,7 @@ def start_ray(num_cpus: int | None = None, quiet: bool = False,
     """Connect to RAY_ADDRESS or start a local Ray with `num_cpus` (None: the machine's) and
     custom `resources` (a cluster's nodes declare their own); True if this call connected
     (the caller then shuts Ray down)."""
+    keep_local_ray_on_loopback()  # before Ray's first import in this process, where it can
     import ray
 
     hide_credential_keys()  # also for a Ray started by the caller: Tune copies os.environ
@@ -54,6 +55,19 @@ def start_ray(num_cpus: int | None = None, quiet: bool = False,
               f"{ray._private.worker.global_worker.node.get_session_dir_path()}, "
               f"job {ray.get_runtime_context().get_job_id()}", file=sys.stderr, flush=True)
     return True
+
+
+def keep_local_ray_on_loopback() -> None:
+    """Make a local Ray started by this process listen on 127.0.0.1 only.
+
+    Ray gives a node its routable address and its servers listen on every interface. With
+    this switch (Ray's own, meant for single-machine Ray on macOS and Windows) the node's
+    address is 127.0.0.1 and every Ray process listens on loopback; the processes Ray
+    starts inherit it, so they agree on that address. Ray reads it when first imported, so
+    `enat` sets it at start-up (cluster/cli.py). Nothing changes when RAY_ADDRESS names a
+    cluster."""
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @contextlib.contextmanager
