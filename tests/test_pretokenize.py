@@ -288,16 +288,35 @@ def test_bad_inputs_are_listed_once_with_reasons_and_never_stop_the_job(ray_loca
         "odd/bomb.png": (png_claiming(100_000, 100_000), "absurd dimensions"),
         "stray.png": (good[0].read_bytes(), "not inside a class folder"),
     }
+    dark = np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) % 1000  # at most 1.5% of 65535
     converted = {
         "odd/cmyk.jpg": encoded(rgb.convert("CMYK"), "JPEG"),
         "odd/grey16.png": encoded(Image.fromarray(np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40),
                                   "PNG"),
+        "odd/dark16.png": encoded(Image.fromarray(dark), "PNG"),
         "odd/palette.png": encoded(rgb.convert("P"), "PNG"),
     }
+    # Stored sideways with EXIF orientation 6: tokenized as displayed (turned upright).
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = io.BytesIO()
+    rgb.rotate(90, expand=True).save(sideways, format="JPEG", exif=exif.tobytes())
     for name, (data, _) in bad.items():
         (train / name).write_bytes(data)
     for name, data in converted.items():
         (train / name).write_bytes(data)
+    (train / "odd" / "sideways.jpg").write_bytes(sideways.getvalue())
+    # A per-class tar whose links and escaping names are refused; its good member is kept.
+    with tarfile.open(train / "tarred.tar", "w") as tar:
+        for name, data in (("ok.png", good[0].read_bytes()), ("../x.jpg", good[1].read_bytes())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    bad.update({"tarred.tar::../x.jpg": (b"", "unsafe member name in tar"),
+                "tarred.tar::link.jpg": (b"", "link member in tar (-> /etc/passwd)")})
     out = str(tmp_path / "tokens")
     config = job_config(source=f"imagenet:{tmp_path / 'raw'}", out=out, tokenizer=tokenizer_dir, shard_size=4)
     assert run_pretokenize(config, progress=False) == 0
@@ -308,10 +327,18 @@ def test_bad_inputs_are_listed_once_with_reasons_and_never_stop_the_job(ray_loca
     for name, (_, reason) in bad.items():
         assert reasons[name].startswith(reason), (name, reasons[name])
     assert {c["input"] for c in manifest.converted} == set(converted)
-    total = len(good) + len(bad) + len(converted)
+    assert "16-bit" in next(c for c in manifest.converted if c["input"] == "odd/dark16.png")["note"]
+    written = {sample.meta["source"]: sample.tokens for sample in shards_of(manifest, out)}
+    assert len(written) == len(good) + len(converted) + 2  # + the sideways JPEG and the tar's good member
+    stored = Image.open(io.BytesIO(sideways.getvalue()))  # the JPEG's pixels, EXIF not applied
+    tokenizer = load_model(tokenizer_dir).model
+    upright = direct_ids(tokenizer, [encoded(stored.transpose(Image.Transpose.ROTATE_270), "PNG")])[0]
+    assert np.array_equal(written["odd/sideways.jpg"], upright)
+    assert not np.array_equal(written["odd/sideways.jpg"], direct_ids(tokenizer, [encoded(stored, "PNG")])[0])
+    total = len(good) + len(bad) + len(converted) + 2
     assert manifest.totals == {"inputs": total, "written": total - len(bad), "rejected": len(bad),
                                "converted": len(converted), "shards": manifest.totals["shards"]}
-    assert manifest.classes == ["flags", "odd"]
+    assert manifest.classes == ["flags", "odd", "tarred"]
     summary = capsys.readouterr().out
     assert f"rejected {len(bad)} (absurd dimensions: 1, empty file: 1," in summary
 
