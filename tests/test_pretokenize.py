@@ -132,6 +132,18 @@ def png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
+def tar_with_a_link(path: Path, members: dict[str, bytes], link: str) -> None:
+    """A tar of `members` (names as given, `..` included) plus a symlink `link` -> /etc/passwd."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        symlink = tarfile.TarInfo(link)
+        symlink.type, symlink.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(symlink)
+
+
 def encoded(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
@@ -254,14 +266,7 @@ def test_tar_links_and_escaping_names_are_rejected_with_reasons(demo, tmp_path):
     good = sorted((demo / "imagenet" / "train" / "flags").glob("*.png"))[0].read_bytes()
     root = tmp_path / "raw" / "train"
     root.mkdir(parents=True)
-    with tarfile.open(root / "flags.tar", "w") as tar:
-        for name in ("ok.png", "../escape.png"):
-            info = tarfile.TarInfo(name)
-            info.size = len(good)
-            tar.addfile(info, io.BytesIO(good))
-        link = tarfile.TarInfo("passwd.png")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        tar.addfile(link)
+    tar_with_a_link(root / "flags.tar", {"ok.png": good, "../escape.png": good}, "passwd.png")
     plan = plan_source(f"imagenet:{tmp_path / 'raw'}")
     assert [item.source for item in plan.items] == ["flags.tar::ok.png"]
     reasons = {r["input"]: r["reason"] for r in plan.rejected}
@@ -307,14 +312,8 @@ def test_bad_inputs_are_listed_once_with_reasons_and_never_stop_the_job(ray_loca
         (train / name).write_bytes(data)
     (train / "odd" / "sideways.jpg").write_bytes(sideways.getvalue())
     # A per-class tar whose links and escaping names are refused; its good member is kept.
-    with tarfile.open(train / "tarred.tar", "w") as tar:
-        for name, data in (("ok.png", good[0].read_bytes()), ("../x.jpg", good[1].read_bytes())):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        link = tarfile.TarInfo("link.jpg")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        tar.addfile(link)
+    tar_with_a_link(train / "tarred.tar", {"ok.png": good[0].read_bytes(), "../x.jpg": good[1].read_bytes()},
+                    "link.jpg")
     bad.update({"tarred.tar::../x.jpg": (b"", "unsafe member name in tar"),
                 "tarred.tar::link.jpg": (b"", "link member in tar (-> /etc/passwd)")})
     out = str(tmp_path / "tokens")
