@@ -7,7 +7,7 @@ SPEC_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16
 STAMP := $(VENV)/.installed-$(SPEC_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench lint clean-state
+.PHONY: install demo test bench bench-gpu lint clean-state
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# One GPU, < 8 min, one JSON: bench/results-gpu.json (BENCH_GPU_ARGS="--tiny --device cpu" checks the paths).
+BENCH_GPU_ARGS ?=
+bench-gpu: $(STAMP)
+	$(PY) bench/gpu.py $(BENCH_GPU_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check models trainer pipelines cluster evaluation tests bench

@@ -210,6 +210,19 @@ class Trainer:
         self.engine.step()
         return loss.detach(), grad_norm
 
+    def train_step(self, batches: list[Batch], step: int) -> tuple[float, float | None]:
+        """One optimizer step over `batches` (one per micro-step, on the device) and the EMA
+        update: (mean loss, gradient norm or None). The loop's step, and what bench/gpu.py times."""
+        losses, grad_norm = [], None
+        for micro, batch in enumerate(batches):
+            loss, norm = self._micro_step(batch, step, micro)
+            losses.append(float(loss))
+            grad_norm = norm if norm is not None else grad_norm
+        if self.config.zero_stage > 0:
+            grad_norm = float(self.engine.get_global_grad_norm())
+        self.ema.update(self.engine.module)
+        return sum(losses) / len(losses), grad_norm
+
     # -- logging and checkpoints ---------------------------------------------------------
 
     def _log(self, step: int, meter: Meter, grad_norm: float | None) -> None:
@@ -298,18 +311,13 @@ class Trainer:
         try:
             while step < last:
                 step += 1
-                step_losses = []
-                for micro in range(config.grad_accum):
+                batches = []
+                for _ in range(config.grad_accum):
                     waited = time.perf_counter()
-                    batch = next(self.stream).to(self.device)
+                    batches.append(next(self.stream).to(self.device))
                     meter.data_wait += time.perf_counter() - waited
-                    loss, norm = self._micro_step(batch, step, micro)
-                    step_losses.append(float(loss))
-                    grad_norm = norm if norm is not None else grad_norm
-                if config.zero_stage > 0:
-                    grad_norm = float(self.engine.get_global_grad_norm())
-                self.ema.update(self.engine.module)
-                losses[step] = sum(step_losses) / len(step_losses)
+                losses[step], norm = self.train_step(batches, step)
+                grad_norm = norm if norm is not None else grad_norm
                 meter.steps += 1
                 meter.samples += config.batch_size * config.grad_accum * self.world
                 meter.loss_sum += losses[step]

@@ -21,12 +21,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from enat.models.config import MaskingConfig
 
-_PEAKS: dict[tuple[str, torch.dtype], float] = {}
+_PEAKS: dict[tuple[str, torch.dtype, int, int], float] = {}
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 3) -> float:
-    """FLOP/s of a size x size matmul on `device` in `dtype` (cached per process)."""
-    key = (str(device), dtype)
+    """FLOP/s of a size x size matmul on `device` in `dtype` (cached per process and size)."""
+    key = (str(device), dtype, size, repeats)
     if key not in _PEAKS:
         a = torch.randn(size, size, device=device, dtype=dtype)
         b = torch.randn(size, size, device=device, dtype=dtype)
