@@ -97,8 +97,11 @@ def _describe(err: BaseException) -> str:
 
 
 def _activity(method: str, kwargs: dict[str, Any]) -> str:
-    """`reading s3://bucket/key` for a call like get_object(Bucket=..., Key=...)."""
-    verb = ("reading" if method.startswith(("get_", "head_")) else "listing" if method.startswith("list_")
+    """`reading s3://bucket/key` for a call like get_object(Bucket=..., Key=...). s3fs checks
+    that the bucket exists before it writes an object (head_bucket, get_bucket_location)."""
+    verb = ("checking" if method in ("head_bucket", "get_bucket_location")
+            else "reading" if method.startswith(("get_", "head_"))
+            else "listing" if method.startswith("list_")
             else "deleting" if method.startswith(("delete_", "abort_")) else "writing")
     where = kwargs.get("Key") or kwargs.get("Prefix") or ""
     return f"{verb} s3://{kwargs.get('Bucket', '')}/{where}".rstrip("/")
