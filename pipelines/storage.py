@@ -128,8 +128,8 @@ def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
             yield handle
         fs.mv(tmp, path)
     except BaseException as err:
-        # A store that stayed unreachable for the whole retry window would take another
-        # window to refuse the delete: the next run's remove_temporaries deletes the key.
+        # A store that stayed unreachable for the whole retry window is not asked again (it
+        # would only delay the error): the next run's remove_temporaries deletes the key.
         if not isinstance(err, StorageUnreachable):
             with contextlib.suppress(Exception):
                 fs.rm(tmp)
