@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +134,8 @@ def _write_private(path: Path, text: str) -> None:
 class SeaweedFS:
     """One `weed mini` server (S3 API) with its data and credentials under `state_dir`."""
 
+    PORTS = ("s3_port", "master_port", "volume_port", "filer_port", "admin_port")
+
     def __init__(self, state_dir: Path):
         self.state_dir = Path(state_dir).resolve()
         self.credentials_path = self.state_dir / "credentials.json"
@@ -175,6 +178,22 @@ class SeaweedFS:
         if self.healthy():
             return self.endpoint()
         self.stop()
+        return self._launch({name: free_port(with_grpc_twin=True) for name in self.PORTS}, timeout)
+
+    @contextlib.contextmanager
+    def stopped(self, timeout: float = 60.0) -> Iterator[None]:
+        """The running server stopped for the block, then started again on the same ports with
+        the same data: an outage after which clients find it at the same endpoint."""
+        info = self.info()
+        if not info:
+            raise ServiceError(f"SeaweedFS is not running (no {self.info_path})")
+        self.stop()
+        try:
+            yield
+        finally:
+            self._launch({name: info[name] for name in self.PORTS}, timeout)
+
+    def _launch(self, ports: dict[str, int], timeout: float) -> S3Endpoint:
         access, secret = self.credentials()
         identity = {"name": "enat", "credentials": [{"accessKey": access, "secretKey": secret}],
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
@@ -182,8 +201,6 @@ class SeaweedFS:
         _write_private(s3_config, json.dumps({"identities": [identity]}))
         data_dir = self.state_dir / "seaweedfs"
         data_dir.mkdir(parents=True, exist_ok=True)
-        ports = {name: free_port(with_grpc_twin=True) for name in
-                 ("s3_port", "master_port", "volume_port", "filer_port", "admin_port")}
         command = [
             _executable("weed"), "mini", f"-dir={data_dir}", "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1", f"-s3.port={ports['s3_port']}", f"-s3.config={s3_config}",

@@ -27,7 +27,7 @@ from enat.models.typed_config import ConfigError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 FORWARDED_SETTINGS = ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL",
-                      "AWS_DEFAULT_REGION", "ENAT_STATE_DIR", "RAY_AUTH_MODE")
+                      "AWS_DEFAULT_REGION", "ENAT_STATE_DIR", "RAY_AUTH_MODE", "ENAT_STORAGE_RETRY_SECONDS")
 CREDENTIAL_LOCATIONS = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The checkout's folders that make the `enat` package (pyproject.toml's package-dir).

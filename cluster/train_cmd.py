@@ -27,6 +27,7 @@ from typing import Any
 
 from enat.cluster.command import Command
 from enat.cluster.jobs import LaunchConfig, TrainEvalConfig, TrainJob
+from enat.models.errors import UserError
 from enat.trainer.config import TrainConfig
 
 
@@ -90,6 +91,12 @@ def _run(job: TrainJob, _args: argparse.Namespace) -> int:
     try:
         run_on_ray(config, launch, evals)
     except ray.train.TrainingFailedError as err:
+        # A worker's error the user can fix (storage unreachable past the retry window) is
+        # what ended the run: the CLI prints it as its one line.
+        failures = getattr(err, "worker_failures", {}).values()
+        fixable = next((failure for failure in failures if isinstance(failure, UserError)), None)
+        if fixable is not None:
+            raise fixable from None
         print(f"enat: error: training failed after {launch.max_failures} restart(s): "
               f"{str(err).splitlines()[0]}", file=sys.stderr)
         return 1

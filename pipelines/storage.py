@@ -8,6 +8,9 @@ pickles its storage filesystem into the experiment folder) carries the endpoint 
 Objects are published atomically: written under a temporary key in a `_tmp/` folder beside the target, then
 moved into place, so a reader never sees half an object. A crash leaves only temporary
 keys, which `remove_temporaries` deletes on the next run.
+An outage of the S3 store is ridden out: every request is retried for a while
+(ENAT_STORAGE_RETRY_SECONDS, default 120; see pipelines/s3_retry.py), then fails with one
+line naming the endpoint (StorageUnreachable, a StorageError).
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ class StorageError(UserError, RuntimeError):
     """Storage is unreachable, refuses our credentials, or the path is wrong."""
 
 
+class StorageUnreachable(StorageError):
+    """The object store did not answer (or kept failing) for the whole retry window. Not an
+    OSError, which s3fs swallows in places (a failed listing of a parent folder)."""
+
+
 # What botocore resolves credentials from: a change in any of them needs a new client.
 _CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                        "AWS_SHARED_CREDENTIALS_FILE")
@@ -41,20 +49,24 @@ _clients: dict[tuple, fsspec.AbstractFileSystem] = {}
 
 def _s3() -> fsspec.AbstractFileSystem:
     """The S3 filesystem for the current environment. A new client costs ~0.1-0.3 s, so one
-    is kept per process, thread, endpoint and credential source (fsspec's own cache keys
-    on the constructor's arguments, which no longer include the credentials). The key
-    holds a digest of the sources, not the sources."""
+    is kept per process, thread, endpoint, credential source and retry window (fsspec's own
+    cache keys on the constructor's arguments, which no longer include the credentials). The
+    key holds a digest of the sources, not the sources."""
+    from enat.pipelines.s3_retry import RetryingS3FileSystem, retry_seconds
+
     env = os.environ
     sources = [env.get(name, "") for name in _CREDENTIAL_SOURCES]
     with contextlib.suppress(OSError):
         sources.append(str(os.stat(env.get("AWS_SHARED_CREDENTIALS_FILE", "")).st_mtime_ns))
+    window = retry_seconds()
     key = (os.getpid(), threading.get_ident(), env.get("AWS_ENDPOINT_URL", ""),
-           hashlib.sha256("\0".join(sources).encode()).hexdigest())
+           hashlib.sha256("\0".join(sources).encode()).hexdigest(), window)
     if key not in _clients:
-        options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
+        options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True,
+                                   "retry_seconds": window}
         if env.get("AWS_ENDPOINT_URL"):
             options["endpoint_url"] = env["AWS_ENDPOINT_URL"]
-        _clients[key] = fsspec.filesystem("s3", **options)
+        _clients[key] = RetryingS3FileSystem(**options)
     return _clients[key]
 
 
@@ -115,9 +127,12 @@ def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
         with fs.open(tmp, mode) as handle:
             yield handle
         fs.mv(tmp, path)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            fs.rm(tmp)
+    except BaseException as err:
+        # A store that stayed unreachable for the whole retry window is not asked again (it
+        # would only delay the error): the next run's remove_temporaries deletes the key.
+        if not isinstance(err, StorageUnreachable):
+            with contextlib.suppress(Exception):
+                fs.rm(tmp)
         raise
 
 

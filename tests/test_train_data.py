@@ -190,3 +190,24 @@ def test_corrupt_sample_is_skipped(tmp_path, capsys):
     assert stream.stats().corrupt_samples >= 1
     stream.close()
     assert "sample bad" in capsys.readouterr().err
+
+
+def test_a_store_unreachable_past_the_retry_window_stops_the_stream_with_its_own_line(shards,
+                                                                                      monkeypatch):
+    """A reader thread's StorageUnreachable reaches the trainer as itself (the CLI prints it as
+    one line), not wrapped, and is never taken for a missing shard to skip."""
+    from enat.trainer import data
+
+    line = "storage at http://127.0.0.1:8333 unreachable for 120 s while reading …; rerun the same command"
+
+    def unreachable(url: str) -> bytes:
+        raise storage.StorageUnreachable(line)
+
+    config = DataConfig(url=shards, readers=2, shuffle_buffer=4)
+    dataset = open_dataset(config, MODEL)
+    monkeypatch.setattr(data.storage, "read_bytes", unreachable)  # the outage begins
+    stream = TokenStream(dataset, config, batch_size=4, seed=0, rank=0, world_size=1)
+    with pytest.raises(storage.StorageUnreachable) as raised:
+        next(stream)
+    stream.close()
+    assert str(raised.value) == line and stream.stats().missing_shards == 0

@@ -300,3 +300,25 @@ def test_lr_warms_up_then_holds_or_decays_to_its_floor():
     assert cosine[0] == 1.0 and cosine[-1] == pytest.approx(0.1)
     assert all(a > b for a, b in zip(cosine, cosine[1:], strict=False))
     assert lr_multiplier(12, 10, 4) == 0.0  # past the last step: the floor
+
+
+def test_a_ray_run_ended_by_unreachable_storage_ends_with_its_one_line(tmp_path, capsys, monkeypatch):
+    """Ray Train wraps what ended its workers; the line a worker's UserError carries is what
+    the user sees (exit 2), not Ray's summary."""
+    from ray.train import WorkerGroupError
+
+    from enat.cluster import train_cmd
+    from enat.pipelines.storage import StorageUnreachable
+
+    write_synthetic_shards(str(tmp_path / "data"), SyntheticSpec(grid=4, codebook_size=64, num_classes=5,
+                                                                  samples=32, per_shard=16))
+    line = ("storage at http://127.0.0.1:8333 unreachable for 121 s while writing s3://b/runs/r/x: "
+            "EndpointConnectionError: …; rerun the same command to resume")
+
+    def workers_failed(*_args, **_kwargs):
+        raise WorkerGroupError("rank 1: StorageUnreachable", {0: RuntimeError("gloo: peer gone"),
+                                                              1: StorageUnreachable(line)})
+
+    monkeypatch.setattr(train_cmd, "run_on_ray", workers_failed)
+    assert main(["train", "--config", str(write_preset(tmp_path, ENAT)), "launch.launcher=ray"]) == 2
+    assert capsys.readouterr().err == f"enat: error: {line}\n"

@@ -8,7 +8,9 @@ removes a checkpoint's marker before its files, so a complete-looking folder nev
 file.
 
 DeepSpeed saves to a local directory: each rank saves into its own temporary directory and
-uploads what it wrote; on resume each rank downloads the shared files plus its own.
+uploads what it wrote; on resume each rank downloads the shared files plus its own. Every
+upload and download waits out an outage of the store (pipelines/s3_retry.py); one that lasts
+past the retry window leaves an unmarked folder, which the rerun deletes before resuming.
 """
 
 from __future__ import annotations

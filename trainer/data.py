@@ -17,7 +17,9 @@ re-reads at most one epoch of that reader's shards), then continues the same str
 Threads are enough: reading is I/O and npy decoding is cheap.
 
 Corrupt shards (sha256 mismatch, unreadable tar) and corrupt samples are skipped, counted
-and warned about; they never stop training. Shards missing at start are a clear error.
+and warned about; they never stop training. Shards missing at start are a clear error. An
+outage of the store is waited out by the storage layer, which retries each shard's read whole,
+so it changes neither the samples nor their order; a longer one ends training with one line.
 Labels are passed through unchanged: the classifier-free-guidance label drop happens once,
 in the training step (trainer/loop.py), not here.
 """
@@ -38,7 +40,7 @@ import torch
 from torch import Tensor
 
 from enat.models.config import TransformerConfig
-from enat.models.errors import MissingInput
+from enat.models.errors import MissingInput, UserError
 from enat.models.layers import Condition
 from enat.models.typed_config import ConfigError
 from enat.pipelines import storage
@@ -335,6 +337,8 @@ class TokenStream:
         which = self.state.consumed % len(self.readers)
         sample, position = self.queues[which].get()
         if sample is _DONE:
+            if isinstance(position, UserError):  # e.g. storage unreachable: its one line says it all
+                raise position
             raise RuntimeError(f"data reader {which} failed: {position}") from position
         self.state.positions[which] = position
         self.state.consumed += 1
