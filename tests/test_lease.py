@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from enat.pipelines import storage
+from enat.pipelines import runs, storage
 from enat.pipelines.config import LeaseConfig
 from enat.pipelines.lease import Lease, LeaseHeld, LeaseLost, new_owner
 
@@ -148,3 +148,22 @@ def test_a_holder_whose_lease_is_taken_stops_at_once(tmp_path):
     assert f"output 'out': its lease {url} was taken over by train-other" in err
     assert storage.read_bytes(url) == taken  # the new holder's lease stays
 
+
+def test_a_second_eval_watcher_and_a_second_tokenizer_run_are_refused(tmp_path, capsys):
+    from enat.cluster.cli import main
+    from enat.evaluation.watch import watch_lease
+
+    run_url = runs.run_url(str(tmp_path / "root"), "r")
+    watching = watch_lease(run_url, "eval-watch-first", LeaseConfig())
+    watching.acquire()
+    assert main(["eval", "watch", run_url, "reference=stats.npz"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"enat: error: the evaluations of {run_url} is in use by eval-watch-first")
+
+    runs.run_lease(str(tmp_path / "root"), "tok", "tokenizer-first", LeaseConfig()).acquire()
+    assert main(["tokenizer", "train", "--root", str(tmp_path / "root"), "--run", "tok",
+                 "--source", str(tmp_path / "images")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"enat: error: run 'tok' ({runs.run_url(str(tmp_path / 'root'), 'tok')}) is in use "
+                          f"by tokenizer-first") and err.count("\n") == 1

@@ -31,7 +31,7 @@ from enat.cluster.cli import main as cli_main
 from enat.cluster.pretokenize_cmd import inspect_output, reason_kind, run_pretokenize, run_shards
 from enat.models import build_config, build_model
 from enat.pipelines import storage
-from enat.pipelines.config import PretokenizeConfig, TextEncoderConfig
+from enat.pipelines.config import LeaseConfig, PretokenizeConfig, TextEncoderConfig
 from enat.pipelines.demo_data import list_emoji, write_cc3m_tars, write_imagenet_tree
 from enat.pipelines.images import center_crop, decode_image, to_array
 from enat.pipelines.model_io import load_model, save_model
@@ -432,6 +432,27 @@ def test_missing_empty_unwritable_or_refused_fail_before_any_work(s3_env, s3_buc
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     assert all_keys(s3_bucket) == []  # nothing was written anywhere
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_second_job_on_one_output_is_refused_before_it_writes(where, request, tokenizer_dir, demo,
+                                                                 tmp_path, capsys):
+    """Two jobs on one output would race on plan.json and delete each other's temporary keys:
+    while a job holds the output's lease, a second one exits 2 naming it and writes nothing."""
+    from enat.pipelines.lease import LEASE_NAME
+    from enat.pipelines.pretokenize import PARTS_DIR, output_lease
+
+    root = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
+    out = storage.join(root, "tokens")
+    output_lease(out, "pretokenize-first", LeaseConfig()).acquire()  # the first job, running
+    before = storage.read_bytes(storage.join(out, LEASE_NAME))
+    assert cli_main(["pretokenize", "--source", f"imagenet:{demo / 'imagenet'}", "--out", out,
+                     "--tokenizer", tokenizer_dir, "track=false", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"enat: error: pretokenize output {out} is in use by pretokenize-first (host ")
+    assert err.count("\n") == 1 and "last heartbeat 0 s ago): wait for that job to end" in err
+    assert not storage.exists(storage.join(out, PARTS_DIR, "plan.json"))
+    assert storage.read_bytes(storage.join(out, LEASE_NAME)) == before  # the first job's lease stands
 
 
 # --- sources without Ray ---------------------------------------------------------------------------
