@@ -89,14 +89,19 @@ def test_the_same_owner_takes_its_lease_back_at_once(folder):
         lease(folder, "torchrun-job-2", LeaseConfig()).acquire()
 
 
+@pytest.mark.parametrize("lease_before", ["none", "stale"])
 @pytest.mark.parametrize("honoured", [True, False])
-def test_of_jobs_starting_together_exactly_one_takes_the_lease(folder, honoured, monkeypatch):
+def test_of_jobs_starting_together_exactly_one_takes_the_lease(folder, honoured, lease_before, monkeypatch):
     """With conditional writes the store decides; without them (honoured=False: a server that
-    ignores If-None-Match), writing, waiting settle_seconds and reading back decides."""
+    ignores If-None-Match), writing, waiting settle_seconds and reading back decides. A stale
+    lease is always read back: SeaweedFS let two concurrent If-Match writes both succeed."""
     if not honoured:
         if "://" not in folder:
             pytest.skip("local files always honour conditions")
         monkeypatch.setattr(storage, "honours_conditions", lambda url: False)
+    if lease_before == "stale":
+        lease(folder, "train-dead").acquire()
+        time.sleep(QUICK.stale_seconds + 0.1)
     start, outcomes = threading.Barrier(4), []
 
     def contend() -> None:
