@@ -34,6 +34,7 @@ from enat.pipelines import storage
 from enat.pipelines.config import LeaseConfig, PretokenizeConfig, TextEncoderConfig
 from enat.pipelines.demo_data import list_emoji, write_cc3m_tars, write_imagenet_tree
 from enat.pipelines.images import center_crop, decode_image, to_array
+from enat.pipelines.lease import LeaseHeld
 from enat.pipelines.model_io import load_model, save_model
 from enat.pipelines.pretokenize import PretokenizeError, ShardTask, finish, prepare, process_shard
 from enat.pipelines.shards import read_manifest, read_shard
@@ -366,7 +367,8 @@ def test_driver_sigkill_then_rerun_equals_clean_run(ray_local, s3_bucket, s3_mod
     command = [sys.executable, "-m", "enat.cluster.cli", "pretokenize", f"source={source}",
                f"out={resumed_out}",
                *[f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()],
-               "workers=1", "track=false", "--no-progress"]
+               "workers=1", "track=false", "lease.heartbeat_seconds=1", "lease.stale_seconds=4",
+               "--no-progress"]
     records = storage.join(resumed_out, "_parts", "train")
     with open(tmp_path / "driver.log", "wb") as log:
         driver = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -377,6 +379,9 @@ def test_driver_sigkill_then_rerun_equals_clean_run(ray_local, s3_bucket, s3_mod
             driver.send_signal(signal.SIGKILL)
         finally:
             driver.wait()
+    killed = time.monotonic()
+    with pytest.raises(LeaseHeld, match=r"in use by pretokenize-\w+ \(host .*\(in [0-4] s\)$"):
+        run_pretokenize(job_config(source=source, out=resumed_out, **settings), progress=False)
     done_before = len(storage.listdir(records))
     assert 1 <= done_before < len(clean.splits["train"]), (tmp_path / "driver.log").read_text()
     assert not storage.exists(storage.join(resumed_out, "manifest.json"))
@@ -392,6 +397,7 @@ def test_driver_sigkill_then_rerun_equals_clean_run(ray_local, s3_bucket, s3_mod
     assert not _ray_processes(ray_tmp)
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
+    time.sleep(max(0.0, killed + 4.5 - time.monotonic()))  # the killed job's lease goes stale
     assert run_pretokenize(job_config(source=source, out=resumed_out, **settings), progress=False) == 0
     resumed = read_manifest(resumed_out)
     # Same shards (sha256 included), counts and rejections: all but how the run went.
