@@ -214,14 +214,16 @@ def write_if(url: str, data: bytes, tag: str | None) -> str | None:
     """Write a small object only if it is as the caller last read it: absent (`tag` None) or
     unchanged (its tag). Returns the new tag, or None when the object had changed.
 
-    S3: one PUT with `If-None-Match: *` or `If-Match: <etag>`, decided by the server; on a
-    server that ignores those headers (`honours_conditions`) the check is a read before the
-    write, which another writer can slip between. Local files: checked and replaced (a
-    temporary file, then a rename) under an exclusive lock."""
+    S3: one PUT with `If-None-Match: *` or `If-Match: <etag>`, decided by the server (SeaweedFS
+    4.48 let two concurrent If-Match writes of one ETag both succeed: callers that need one
+    winner read back, as pipelines/lease.py does); on a server that ignores those headers
+    (`honours_conditions`) the check is a read before the write, which another writer can
+    slip between. Local files: checked and replaced (a temporary file, then a rename) under
+    an exclusive lock."""
     fs, path = _conditional_fs(url)
     if isinstance(fs, LocalFileSystem):
         with _locked(path):
-            if _local_tag(path) != tag:
+            if _current_tag(url) != tag:
                 return None
             temporary = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
             with open(temporary, "wb") as handle:
@@ -247,7 +249,7 @@ def remove_if(url: str, tag: str) -> bool:
     fs, path = _conditional_fs(url)
     if isinstance(fs, LocalFileSystem):
         with _locked(path):
-            if _local_tag(path) != tag:
+            if _current_tag(url) != tag:
                 return False
             os.remove(path)
             return True
@@ -314,14 +316,6 @@ def _conditional_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def _current_tag(url: str) -> str | None:
     current = read_tagged(url)
     return current.tag if current is not None else None
-
-
-def _local_tag(path: str) -> str | None:
-    try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-    except FileNotFoundError:
-        return None
 
 
 def _condition_refused(err: OSError) -> bool:
