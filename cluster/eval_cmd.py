@@ -131,11 +131,13 @@ class FloorConfig:
 def _watch(config: WatchConfig, _args: argparse.Namespace) -> int:
     from enat.cluster.eval_watch import describe_record, watch
     from enat.cluster.ray_session import ray_session
-    from enat.evaluation.watch import read_records
-    from enat.pipelines import runs
+    from enat.evaluation.watch import read_records, watch_lease
+    from enat.pipelines import runs, storage
+    from enat.pipelines.lease import new_owner
 
     runs.split_run_url(config.run)  # before Ray starts: a wrong folder is a one-line error
-    with ray_session():
+    storage.check_writable(config.run)
+    with watch_lease(config.run, new_owner("eval-watch"), config.lease).held(), ray_session():
         evaluated = watch(config)
     records = read_records(config.run)
     print(f"{len(evaluated)} checkpoint(s) evaluated now, {len(records)} in the run's records "

@@ -2,8 +2,9 @@
 search-train` a `TrainSearchJob`.
 
 A job is the loop's own config (trainer/config.py, its keys at the top level of a train
-preset) plus the sections only the driver reads: `launch:` (how many workers, where) and
-`eval:` (the checkpoint watcher), and for a search `search:`. The CLI parses and validates
+preset) plus the sections only the driver reads: `launch:` (how many workers, where),
+`eval:` (the checkpoint watcher) and `lease:` (the driver holds the run's lease), and for
+a search `search:`. The CLI parses and validates
 the whole job once, in the driver; workers get `loop_config()`, the validated TrainConfig
 object. No torch here: `enat train --help` must not load it.
 """
@@ -15,6 +16,7 @@ from typing import Literal
 
 from enat.evaluation.config import WatchConfig
 from enat.models.typed_config import ConfigError, check, narrow
+from enat.pipelines.config import LeaseConfig
 from enat.trainer.config import TrainConfig
 
 
@@ -50,6 +52,7 @@ class TrainJob(TrainConfig):
 
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)  # one job per run
 
     def loop_config(self) -> TrainConfig:
         """The part the workers run: the job without its driver-only sections."""

@@ -84,7 +84,19 @@ def run_shards(job: Any, config: PretokenizeConfig, progress: bool = True) -> tu
 
 
 def run_pretokenize(config: PretokenizeConfig, progress: bool = True) -> int:
-    """The whole job: prepare (fail fast), shard tasks on Ray, manifest, MLflow, summary."""
+    """The whole job, holding the output's lease: prepare (fail fast), shard tasks on Ray,
+    manifest, MLflow, summary."""
+    from enat.pipelines import storage
+    from enat.pipelines.lease import new_owner
+    from enat.pipelines.pretokenize import output_lease
+
+    config.require()
+    storage.check_writable(config.out)  # before the lease is written: a clear error for bad credentials
+    with output_lease(config.out, new_owner("pretokenize"), config.lease).held():
+        return _pretokenize(config, progress)
+
+
+def _pretokenize(config: PretokenizeConfig, progress: bool) -> int:
     from enat.pipelines.pretokenize import prepare
     from enat.pipelines.tracking import Tracker
 

@@ -77,6 +77,7 @@ def run_search_train(job: TrainSearchJob) -> dict[str, Any]:
     from enat.cluster.ray_session import ray_session
     from enat.cluster.ray_train import ray_storage, resolve_use_gpu
     from enat.pipelines import runs, storage
+    from enat.pipelines.lease import new_owner
 
     search, launch = job.search, job.launch
     experiment_url = runs.run_url(job.root, search.name)
@@ -84,8 +85,10 @@ def run_search_train(job: TrainSearchJob) -> dict[str, Any]:
     # A local Ray gets one trial_slot per concurrent trial; a cluster's nodes declare theirs
     # (see the README), and a Ray the caller started must have them.
     wanted = search.concurrency * launch.num_workers * launch.cpus_per_worker
-    with ray_session(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)),
-                     resources={"trial_slot": search.concurrency}):
+    # The experiment's lease covers its trials' runs (<name>-<trial>): only it writes them.
+    lease = runs.run_lease(job.root, search.name, new_owner("search-train"), job.lease)
+    with lease.held(), ray_session(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)),
+                                   resources={"trial_slot": search.concurrency}):
         use_gpu = resolve_use_gpu(launch.use_gpu)
         tune_url = storage.join(experiment_url, "tune")
         tune_path, tune_fs = ray_storage(tune_url)

@@ -31,9 +31,15 @@ def resolve_model(config: TokenizerTrainConfig) -> VQGANConfig:
 
 
 def run_tokenizer_training(config: TokenizerTrainConfig, progress: bool = True) -> TokenizerTrainResult:
+    """Train while holding the run's lease (one writer per run)."""
+    from enat.pipelines import runs, storage
+    from enat.pipelines.lease import new_owner
     from enat.trainer.tokenizer_train import train_tokenizer
 
-    return train_tokenizer(config, resolve_model(config), progress=progress)
+    model_config = resolve_model(config)
+    storage.check_writable(config.run_url)
+    with runs.run_lease(config.root, config.run, new_owner("tokenizer"), config.lease).held():
+        return train_tokenizer(config, model_config, progress=progress)
 
 
 def _train(config: TokenizerTrainConfig, _args: argparse.Namespace) -> int:

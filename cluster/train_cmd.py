@@ -15,14 +15,23 @@ Without Ray:
     torchrun --nproc_per_node=2 -m enat.cluster.cli train --config tiny-enat-demo data.url=...
 runs the same loop in each torchrun process (detected by TORCHELASTIC_RUN_ID); a rerun of
 the same command resumes. `launch.launcher=process` runs it in this process only.
+
+One job per run: the process that launches it (the Ray driver; rank 0 under torchrun or
+`process`) holds the run's lease (pipelines/lease.py) from before the first worker starts
+until the job ends, and the lease of the run's evaluations when `eval.watch` is on. Ray
+Train restarts workers inside that process, so they never need it. torchrun restarts rank
+0 itself: the owner id is the torchrun job's, so the new rank 0 takes the lease back.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import socket
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from enat.cluster.command import Command
@@ -68,6 +77,34 @@ def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig
                 watcher.finish()  # evaluates the checkpoints not evaluated yet
 
 
+def job_owner() -> str:
+    """The lease owner id of this train job: the torchrun job's under torchrun (its run id;
+    torchrun's default id "none" is shared by unrelated jobs, so then the torchrun agent,
+    which outlives the ranks it restarts), else a fresh one for this process."""
+    from enat.pipelines.lease import new_owner
+
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return new_owner("train")
+    if run_id == "none":
+        run_id = f"{socket.gethostname()}-{os.getppid()}"
+    return f"torchrun-{run_id}"
+
+
+@contextlib.contextmanager
+def holding_leases(job: TrainJob, watching: bool) -> Iterator[None]:
+    """The run's lease, and its evaluations' when this job watches them, held for the block."""
+    from enat.evaluation.watch import watch_lease
+    from enat.pipelines import runs
+
+    owner = job_owner()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(runs.run_lease(job.root, job.run, owner, job.lease).held())
+        if watching:
+            stack.enter_context(watch_lease(runs.run_url(job.root, job.run), owner, job.eval.lease).held())
+        yield
+
+
 def _run(job: TrainJob, _args: argparse.Namespace) -> int:
     from enat.pipelines import runs
     from enat.trainer.loop import train
@@ -76,20 +113,23 @@ def _run(job: TrainJob, _args: argparse.Namespace) -> int:
     launcher = launch.launcher
     if launcher == "auto":
         launcher = "process" if "TORCHELASTIC_RUN_ID" in os.environ else "ray"
-    if os.environ.get("RANK", "0") == "0":
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
         preflight(config)
     if launcher == "process":
-        if evals.watch and os.environ.get("RANK", "0") == "0":
+        if evals.watch and rank0:
             print("note: eval.watch runs with the Ray launcher only; evaluate this run with "
                   f"`enat eval watch {runs.run_url(config.root, config.run)} ...`", file=sys.stderr)
-        result = train(config)
-        if result.step == config.steps and os.environ.get("RANK", "0") == "0":
+        with holding_leases(job, watching=False) if rank0 else contextlib.nullcontext():
+            result = train(config)
+        if result.step == config.steps and rank0:
             print(f"run {config.run} finished at step {result.step}; last checkpoint {result.checkpoint}")
         return 0
     import ray.train
 
     try:
-        run_on_ray(config, launch, evals)
+        with holding_leases(job, watching=evals.watch):
+            run_on_ray(config, launch, evals)
     except ray.train.TrainingFailedError as err:
         # A worker's error the user can fix (storage unreachable past the retry window) is
         # what ended the run: the CLI prints it as its one line.

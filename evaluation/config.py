@@ -7,9 +7,10 @@ anything heavy loads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from enat.models.typed_config import check
+from enat.pipelines.config import LeaseConfig
 
 
 @dataclass
@@ -90,6 +91,7 @@ class WatchConfig:
     num_cpus: float = 1.0  # Ray resources of one evaluation task
     num_gpus: float = 0.25  # used only when the cluster has GPUs: a share of one beside training
     device: str = "auto"
+    lease: LeaseConfig = field(default_factory=LeaseConfig)  # one watcher per run
 
     def __post_init__(self) -> None:
         check(bool(self.reference), "reference", "a stats npz, image set or token shards URL", self.reference)

@@ -4,7 +4,8 @@ The ledger is the run's storage, not the watcher's memory: evaluating step n end
 publishing `{run}/evals/step-<n>.json` (atomically, after the metrics are in MLflow), and
 a checkpoint counts as evaluated once that record exists. A restarted watcher therefore
 re-reads the ledger and only picks up what has no record; only an evaluation that was cut
-off mid-way runs again. One watcher per run: two at once could evaluate a step twice.
+off mid-way runs again. One watcher per run: two at once could evaluate a step twice, so a
+watcher holds the lease `evals/lease.json` (watch_lease).
 
 This module is the work of one evaluation and the bookkeeping around it; dispatching the
 work as Ray tasks is cluster/eval_watch.py's.
@@ -18,6 +19,8 @@ from typing import Any
 
 from enat.evaluation.config import WatchConfig
 from enat.pipelines import runs, storage
+from enat.pipelines.config import LeaseConfig
+from enat.pipelines.lease import Lease
 
 EVALS_DIR = "evals"
 RECORD = re.compile(r"step-(\d+)\.json")
@@ -29,6 +32,11 @@ def evals_url(run_url: str) -> str:
 
 def record_url(run_url: str, step: int) -> str:
     return storage.join(evals_url(run_url), f"step-{step}.json")
+
+
+def watch_lease(run_url: str, owner: str, config: LeaseConfig) -> Lease:
+    """The lease of the run's evaluations: one watcher per run."""
+    return Lease(evals_url(run_url), owner, f"the evaluations of {run_url}", config)
 
 
 def read_records(run_url: str) -> dict[int, dict[str, Any]]:

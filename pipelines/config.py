@@ -1,5 +1,6 @@
 """The pipelines' job configs: pretokenization (`PretokenizeConfig`, with its caption
-encoder section) and the demo data sets (`DemoDataConfig`).
+encoder section), the demo data sets (`DemoDataConfig`), and the `lease:` section of every
+job that writes an output only one job may write at a time (`LeaseConfig`).
 
 Plain dataclasses without torch or PIL, so the CLI can validate a job and answer --help
 before anything heavy loads.
@@ -35,6 +36,25 @@ class TextEncoderConfig:
 
 
 @dataclass
+class LeaseConfig:
+    """One writer per output (pipelines/lease.py): how often the holder renews its lease, and
+    how long a lease nobody renews stays held before another job takes it over."""
+
+    heartbeat_seconds: float = 15.0
+    # Several heartbeats: a slow store or a paused process must not lose its lease.
+    stale_seconds: float = 180.0
+    # Only for S3 servers that ignore conditional writes: how long a new holder waits before
+    # reading the lease back to see that no other job wrote over it.
+    settle_seconds: float = 3.0
+
+    def __post_init__(self) -> None:
+        check(self.heartbeat_seconds > 0, "heartbeat_seconds", "> 0", self.heartbeat_seconds)
+        check(self.stale_seconds >= 3 * self.heartbeat_seconds, "stale_seconds",
+              ">= 3 x heartbeat_seconds", self.stale_seconds)
+        check(self.settle_seconds >= 0, "settle_seconds", ">= 0", self.settle_seconds)
+
+
+@dataclass
 class PretokenizeConfig:
     source: str = ""  # imagenet:<url> | cc3m:<url> | folder:<url>
     out: str = ""  # output root: <out>/<split>/shard-*.tar and <out>/manifest.json
@@ -58,6 +78,7 @@ class PretokenizeConfig:
     max_retries: int = 3
     track: bool = True  # an MLflow run per job (MLFLOW_TRACKING_URI)
     experiment: str = "pretokenize"
+    lease: LeaseConfig = field(default_factory=LeaseConfig)  # one job per output
 
     def __post_init__(self) -> None:
         check(self.resolution >= 0, "resolution", ">= 0 (0 = the tokenizer's)", self.resolution)

@@ -14,6 +14,7 @@ Layout under `out`:
                                     inputs; written after the shard, so it marks it done
   _parts/plan.json                  fingerprint of the unfinished job's plan
   manifest.json                     written last: its presence means the job is complete
+  lease.json                        held by the job writing the output (output_lease)
 A rerun after any crash redoes only shards without a record; a finished job's `_parts/`
 is removed. Everything that decides a shard's bytes is fixed by the plan (sorted inputs,
 fixed shard assignment, CPU float32 encoding), so a resumed job ends with the same
@@ -36,8 +37,9 @@ from enat.models.device import pick_device
 from enat.models.errors import UserError
 from enat.models.typed_config import ConfigError
 from enat.pipelines import shards, storage
-from enat.pipelines.config import NONE, PretokenizeConfig, TextEncoderConfig
+from enat.pipelines.config import NONE, LeaseConfig, PretokenizeConfig, TextEncoderConfig
 from enat.pipelines.images import RejectedInput, center_crop, decode_image, to_array
+from enat.pipelines.lease import Lease
 from enat.pipelines.model_io import load_tokenizer
 from enat.pipelines.shards import Manifest, TokenSample
 from enat.pipelines.sources import Blob, InputItem, Plan, check_source, plan_source, read_blobs
@@ -104,6 +106,12 @@ def _fingerprint(plan: Plan, spec: JobSpec, shard_size: int, text_info: dict | N
     settings.update(shard_size=shard_size, text=text_info, tokenizer=None)  # the sha256 names it
     text = f"{plan.fingerprint()}\n{json.dumps(settings, sort_keys=True)}"
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def output_lease(out: str, owner: str, config: LeaseConfig) -> Lease:
+    """The output's lease: one job writes it at a time (plan.json, the temporary keys it
+    clears and the manifest are the job's alone)."""
+    return Lease(out, owner, f"pretokenize output {out}", config)
 
 
 def prepare(config: PretokenizeConfig) -> Job:

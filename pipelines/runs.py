@@ -3,6 +3,7 @@
 Layout under a storage root:
 
     runs/<run>/                          run_url(root, run)
+      lease.json                         held by the job training the run (run_lease)
       checkpoints/step-<n>/              step_url(root, run, n): one checkpoint
         deepspeed/                       the engine's state (model, optimizer, LR schedule),
                                          one or more files per rank
@@ -17,8 +18,8 @@ readers only consider step folders that have one (trainer/checkpoint.py writes, 
 restores checkpoints under that rule). The tokenizer trainer keeps other files in its step
 folders but follows the same folder names and marker rule.
 
-Everything here only reads, so evaluation and the cluster commands can find a run's
-checkpoints without importing the trainer.
+Everything here only reads (the lease aside), so evaluation and the cluster commands can
+find a run's checkpoints without importing the trainer.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from typing import Any
 
 from enat.models.errors import UserError
 from enat.pipelines import storage
+from enat.pipelines.config import LeaseConfig
+from enat.pipelines.lease import Lease
 
 RUNS_DIR = "runs"
 CHECKPOINTS_DIR = "checkpoints"
@@ -52,6 +55,11 @@ class NotARunFolder(UserError, ValueError):
 
 def run_url(root: str, run: str) -> str:
     return storage.join(root, RUNS_DIR, run)
+
+
+def run_lease(root: str, run: str, owner: str, config: LeaseConfig) -> Lease:
+    """The run's lease: one job trains a run at a time (its cleanup and pruning assume it)."""
+    return Lease(run_url(root, run), owner, f"run '{run}' ({run_url(root, run)})", config)
 
 
 def split_run_url(url: str) -> tuple[str, str]:

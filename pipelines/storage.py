@@ -7,7 +7,9 @@ profile, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), so a pickled filesystem (R
 pickles its storage filesystem into the experiment folder) carries the endpoint only.
 Objects are published atomically: written under a temporary key in a `_tmp/` folder beside the target, then
 moved into place, so a reader never sees half an object. A crash leaves only temporary
-keys, which `remove_temporaries` deletes on the next run.
+keys, which `remove_temporaries` deletes on the next run. Small objects can also be
+written conditionally (`write_if`, `remove_if`: only if unchanged since read), what a lease
+(pipelines/lease.py) is made of.
 An outage of the S3 store is ridden out: every request is retried for a while
 (ENAT_STORAGE_RETRY_SECONDS, default 120; see pipelines/s3_retry.py), then fails with one
 line naming the endpoint (StorageUnreachable, a StorageError).
@@ -22,10 +24,13 @@ import posixpath
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import IO, Any
 
 import fsspec
+from fsspec.asyn import sync
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from enat.models.errors import UserError
 
@@ -186,3 +191,168 @@ def check_writable(url: str) -> None:
                            f"it, or run `enat services up` for the local bucket)") from None
     except OSError as err:
         raise StorageError(f"cannot write {url}: {err}") from None
+
+
+# -- conditional writes ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tagged:
+    data: bytes
+    tag: str  # changes with every write: the S3 ETag, or the sha256 of a local file
+
+
+def read_tagged(url: str) -> Tagged | None:
+    """A small object and its tag, from one read; None when there is none."""
+    fs, path = _conditional_fs(url)
+    if not isinstance(fs, LocalFileSystem):
+        try:
+            return sync(fs.loop, _get_tagged, fs, *fs.split_path(path)[:2])
+        except FileNotFoundError:
+            return None
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return None
+    return Tagged(data, hashlib.sha256(data).hexdigest())
+
+
+async def _get_tagged(fs: Any, bucket: str, key: str) -> Tagged:
+    response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    try:
+        return Tagged(await response["Body"].read(), response["ETag"])
+    finally:
+        response["Body"].close()
+
+
+def write_if(url: str, data: bytes, tag: str | None) -> str | None:
+    """Write a small object only if it is as the caller last read it: absent (`tag` None) or
+    unchanged (its tag). Returns the new tag, or None when the object had changed.
+
+    S3: one PUT with `If-None-Match: *` or `If-Match: <etag>`, decided by the server (SeaweedFS
+    4.48 let two concurrent If-Match writes of one ETag both succeed: callers that need one
+    winner read back, as pipelines/lease.py does); on a server that ignores those headers
+    (`honours_conditions`) the check is a read before the write, which another writer can
+    slip between. Local files: checked and replaced (a temporary file, then a rename) under
+    an exclusive lock."""
+    fs, path = _conditional_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        with _locked(path):
+            if _current_tag(url) != tag:
+                return None
+            temporary = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+            os.replace(temporary, path)
+            return hashlib.sha256(data).hexdigest()
+    condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+    if not honours_conditions(url):
+        if _current_tag(url) != tag:
+            return None
+        condition = {}
+    bucket, key, _ = fs.split_path(path)
+    try:
+        return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+    except OSError as err:
+        if _condition_refused(err):
+            return None
+        raise
+
+
+def remove_if(url: str, tag: str) -> bool:
+    """Delete an object only if it still has `tag` (S3: `If-Match`); False if it changed or is gone."""
+    fs, path = _conditional_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        with _locked(path):
+            if _current_tag(url) != tag:
+                return False
+            os.remove(path)
+            return True
+    condition = {"IfMatch": tag}
+    if not honours_conditions(url):
+        if _current_tag(url) != tag:
+            return False
+        condition = {}
+    bucket, key, _ = fs.split_path(path)
+    try:
+        fs.call_s3("delete_object", Bucket=bucket, Key=key, **condition)
+    except OSError as err:
+        if _condition_refused(err):
+            return False
+        raise
+    return True
+
+
+_honoured: dict[tuple[str, str], bool] = {}
+
+
+def honours_conditions(url: str) -> bool:
+    """Whether the store behind `url` decides conditional writes itself. Local files do (see
+    write_if). An S3 server is asked once per process, endpoint and bucket, with a probe key:
+    a second `If-None-Match: *` create, an `If-Match` PUT and an `If-Match` DELETE with a
+    wrong ETag must all be refused (S3-compatible servers that predate these headers
+    ignore them and write)."""
+    fs, path = _conditional_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        return True
+    bucket = path.split("/", 1)[0]
+    cache_key = (os.environ.get("AWS_ENDPOINT_URL", ""), bucket)
+    if cache_key not in _honoured:
+        probe = posixpath.join(posixpath.dirname(path.split("/", 1)[1]), TMP_DIR,
+                               f"conditions-{uuid.uuid4().hex[:12]}")
+        wrong = '"00000000000000000000000000000000"'
+        attempts = [("put_object", {"Body": b"1", "IfNoneMatch": "*"}),
+                    ("put_object", {"Body": b"2", "IfMatch": wrong}),
+                    ("delete_object", {"IfMatch": wrong})]
+        fs.call_s3("put_object", Bucket=bucket, Key=probe, Body=b"0")
+        refused = []
+        try:
+            for method, arguments in attempts:
+                try:
+                    fs.call_s3(method, Bucket=bucket, Key=probe, **arguments)
+                    refused.append(False)
+                except OSError as err:
+                    if not _condition_refused(err) and _status(err) != 501:  # 501: not implemented
+                        raise
+                    refused.append(_condition_refused(err))
+        finally:
+            fs.call_s3("delete_object", Bucket=bucket, Key=probe)
+        _honoured[cache_key] = all(refused)
+    return _honoured[cache_key]
+
+
+def _conditional_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = filesystem(url)
+    if not (url.startswith("s3://") or isinstance(fs, LocalFileSystem)):
+        raise StorageError(f"{url}: conditional writes need an s3:// URL or a local path")
+    return fs, path
+
+
+def _current_tag(url: str) -> str | None:
+    current = read_tagged(url)
+    return current.tag if current is not None else None
+
+
+def _condition_refused(err: OSError) -> bool:
+    """An S3 error that means "the object is not as you said": 412 Precondition Failed
+    (s3fs raises FileExistsError for If-None-Match), 409 when a concurrent conditional
+    write won, 404 for If-Match on a missing key."""
+    return isinstance(err, (FileExistsError, FileNotFoundError)) or _status(err) in (409, 412)
+
+
+def _status(err: OSError) -> int | None:
+    """The HTTP status of the S3 response behind an error s3fs translated."""
+    response = getattr(err.__cause__, "response", None) or {}
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive lock on `<path>.lock`, an empty file kept beside it: local conditional
+    writers of `path` take turns (closing the file releases the lock)."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -31,9 +31,10 @@ from enat.cluster.cli import main as cli_main
 from enat.cluster.pretokenize_cmd import inspect_output, reason_kind, run_pretokenize, run_shards
 from enat.models import build_config, build_model
 from enat.pipelines import storage
-from enat.pipelines.config import PretokenizeConfig, TextEncoderConfig
+from enat.pipelines.config import LeaseConfig, PretokenizeConfig, TextEncoderConfig
 from enat.pipelines.demo_data import list_emoji, write_cc3m_tars, write_imagenet_tree
 from enat.pipelines.images import center_crop, decode_image, to_array
+from enat.pipelines.lease import LeaseHeld
 from enat.pipelines.model_io import load_model, save_model
 from enat.pipelines.pretokenize import PretokenizeError, ShardTask, finish, prepare, process_shard
 from enat.pipelines.shards import read_manifest, read_shard
@@ -392,7 +393,8 @@ def test_driver_sigkill_then_rerun_equals_clean_run(ray_local, s3_bucket, s3_mod
     command = [sys.executable, "-m", "enat.cluster.cli", "pretokenize", f"source={source}",
                f"out={resumed_out}",
                *[f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()],
-               "workers=1", "track=false", "--no-progress"]
+               "workers=1", "track=false", "lease.heartbeat_seconds=1", "lease.stale_seconds=4",
+               "--no-progress"]
     records = storage.join(resumed_out, "_parts", "train")
     with open(tmp_path / "driver.log", "wb") as log:
         driver = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -403,6 +405,9 @@ def test_driver_sigkill_then_rerun_equals_clean_run(ray_local, s3_bucket, s3_mod
             driver.send_signal(signal.SIGKILL)
         finally:
             driver.wait()
+    killed = time.monotonic()
+    with pytest.raises(LeaseHeld, match=r"in use by pretokenize-\w+ \(host .*\(in [0-4] s\)$"):
+        run_pretokenize(job_config(source=source, out=resumed_out, **settings), progress=False)
     done_before = len(storage.listdir(records))
     assert 1 <= done_before < len(clean.splits["train"]), (tmp_path / "driver.log").read_text()
     assert not storage.exists(storage.join(resumed_out, "manifest.json"))
@@ -418,6 +423,7 @@ def test_driver_sigkill_then_rerun_equals_clean_run(ray_local, s3_bucket, s3_mod
     assert not _ray_processes(ray_tmp)
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
+    time.sleep(max(0.0, killed + 4.5 - time.monotonic()))  # the killed job's lease goes stale
     assert run_pretokenize(job_config(source=source, out=resumed_out, **settings), progress=False) == 0
     resumed = read_manifest(resumed_out)
     # Same shards (sha256 included), counts and rejections: all but how the run went.
@@ -458,6 +464,27 @@ def test_missing_empty_unwritable_or_refused_fail_before_any_work(s3_env, s3_buc
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     assert all_keys(s3_bucket) == []  # nothing was written anywhere
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_second_job_on_one_output_is_refused_before_it_writes(where, request, tokenizer_dir, demo,
+                                                                 tmp_path, capsys):
+    """Two jobs on one output would race on plan.json and delete each other's temporary keys:
+    while a job holds the output's lease, a second one exits 2 naming it and writes nothing."""
+    from enat.pipelines.lease import LEASE_NAME
+    from enat.pipelines.pretokenize import PARTS_DIR, output_lease
+
+    root = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
+    out = storage.join(root, "tokens")
+    output_lease(out, "pretokenize-first", LeaseConfig()).acquire()  # the first job, running
+    before = storage.read_bytes(storage.join(out, LEASE_NAME))
+    assert cli_main(["pretokenize", "--source", f"imagenet:{demo / 'imagenet'}", "--out", out,
+                     "--tokenizer", tokenizer_dir, "track=false", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"enat: error: pretokenize output {out} is in use by pretokenize-first (host ")
+    assert err.count("\n") == 1 and "last heartbeat 0 s ago): wait for that job to end" in err
+    assert not storage.exists(storage.join(out, PARTS_DIR, "plan.json"))
+    assert storage.read_bytes(storage.join(out, LEASE_NAME)) == before  # the first job's lease stands
 
 
 # --- sources without Ray ---------------------------------------------------------------------------

@@ -184,6 +184,42 @@ def test_nat_baseline_resume_from_url_and_unreachable_mlflow(tmp_path):
     assert type(exported.model).__name__ == "UViT" and exported.config.cond_dropout == 0.2
 
 
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_trainers_on_one_run_one_trains_and_the_other_exits_2(tmp_path, s3_bucket):
+    """Two `enat train` processes started together on one run on S3: one takes the run's lease
+    and trains, the other exits 2 with one line naming the holder before it cleans or writes
+    anything (a second writer's cleanup would delete the first one's checkpoint in progress),
+    so every checkpoint kept stays complete and loadable."""
+    write_synthetic_shards(str(tmp_path / "data"), SyntheticSpec(grid=4, codebook_size=64, num_classes=5,
+                                                                  samples=64, per_shard=16))
+    root = storage.join(s3_bucket, "root")
+    preset = write_preset(tmp_path, NAT, root=root, run="shared", masking={"reuse_prob": 0.0}, zero_stage=0,
+                          steps=8, checkpoint_every=2, keep_last=2, tracking=False,
+                          lease={"heartbeat_seconds": 1.0, "stale_seconds": 60.0})
+    command = [sys.executable, "-m", "enat.cluster.cli", "train", "--config", str(preset),
+               "launch.launcher=process"]
+    trainers = [subprocess.Popen(command, env=environment(tmp_path), cwd=REPO, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [trainer.communicate(timeout=600) for trainer in trainers]
+    assert sorted(t.returncode for t in trainers) == [0, 2], outputs
+    winner, loser = sorted(range(2), key=lambda i: trainers[i].returncode)
+    assert "run shared finished at step 8" in outputs[winner][0]
+    errors = [line for line in outputs[loser][1].splitlines() if line.startswith("enat: error:")]
+    run_url = runs.run_url(root, "shared")
+    assert len(errors) == 1 and errors[0].startswith(
+        f"enat: error: run 'shared' ({run_url}) is in use by train-"), outputs[loser]
+    assert f", pid {trainers[winner].pid}, last heartbeat " in errors[0]
+    assert "it is taken over once its heartbeat is 60 s old" in errors[0]
+    complete, partial = runs.scan(root, "shared")
+    assert [c.step for c in complete] == [6, 8] and partial == []
+    for kept in complete:
+        for name, digest in kept.meta["sha256"].items():
+            assert hashlib.sha256(storage.read_bytes(storage.join(kept.url, name))).hexdigest() == digest
+        assert type(load_model(kept.ema_url).model).__name__ == "UViT"
+    assert not storage.exists(storage.join(run_url, "lease.json"))  # released at the end
+
+
 def test_bad_inputs_fail_before_training(tmp_path, s3_bucket, capsys, monkeypatch):
     write_synthetic_shards(str(tmp_path / "data"), SyntheticSpec(grid=4, codebook_size=64, num_classes=5,
                                                                   samples=32, per_shard=16))

@@ -43,7 +43,9 @@ def _remove(url: str) -> None:
 
 
 def clean_partial(root: str, run: str) -> list[str]:
-    """Delete step folders left without a marker by a crash (only one writer per run)."""
+    """Delete step folders left without a marker by a crash. Only the run's one writer, the
+    holder of its lease (runs.run_lease), may call it: another writer's checkpoint in
+    progress has no marker yet either."""
     _, partial = runs.scan(root, run)
     for url in partial:
         storage.remove(url, recursive=True)

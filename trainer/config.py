@@ -14,6 +14,7 @@ from typing import Literal
 from enat.models.config import ENATConfig, MaskingConfig, NATConfig
 from enat.models.typed_config import ConfigError, check
 from enat.pipelines import runs
+from enat.pipelines.config import LeaseConfig
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -144,6 +145,7 @@ class TokenizerTrainConfig:
     # and, when the two cores are shared with other jobs, made steps 4x slower.
     threads: int = 1
     experiment: str = "tokenizer"  # MLflow experiment
+    lease: LeaseConfig = field(default_factory=LeaseConfig)  # one writer per run
 
     def __post_init__(self) -> None:
         check(bool(RUN_NAME.fullmatch(self.run)), "run", "letters, digits, '.', '_' or '-'", self.run)
