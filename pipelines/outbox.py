@@ -1,0 +1,235 @@
+"""An ordered outbox: entries delivered by one background thread, kept and retried with
+backoff while the receiver is down, so a caller (the training loop) never waits on it.
+
+The outbox knows nothing of MLflow: `deliver(head)` gets the oldest pending entries and
+returns how many of them it delivered (it may merge several into one request), or raises.
+An error that `permanent(error)` calls permanent (the receiver refused the entry, e.g. a
+bad value) drops that entry with a warning: retrying it would block everything behind it.
+Any other error means an outage: the entry stays at the head and delivery is retried
+after 1, 2, 4 ... seconds up to a cap, so the order of entries never changes.
+
+One warning when an outage starts, one line when the backlog is delivered again (how much
+was replayed). The buffer is bounded by a count of values and by bytes: when full, the
+oldest *droppable* entries (metrics) make room and are counted as dropped; the rest
+(parameters, tags, the run's status) is small and always kept.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from enat.models.typed_config import check
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str  # what it is, for reports: "metrics", "params", "tags", "artifact", "status", ...
+    payload: Any
+    values: int = 1  # values it carries: what the buffer bound counts
+    nbytes: int = 0  # bytes it holds in memory (artifact contents)
+    droppable: bool = False  # may make room when the buffer is full
+
+
+@dataclass(frozen=True)
+class OutboxOptions:
+    max_values: int = 100_000  # ~20 MB of metrics: an hour of logging every step of ~30 metrics
+    max_bytes: int = 64 << 20  # artifact contents held while the receiver is down
+    backoff_initial: float = 1.0  # seconds before the first retry, doubled after each failure
+    backoff_max: float = 10.0  # cap: a recovered receiver is noticed within this time
+    batch: int = 200  # pending entries handed to one deliver() call at most
+
+    def __post_init__(self) -> None:
+        check(self.max_values >= 1, "max_values", ">= 1", self.max_values)
+        check(self.max_bytes >= 0, "max_bytes", ">= 0", self.max_bytes)
+        check(0 < self.backoff_initial <= self.backoff_max, "backoff_initial",
+              "> 0 and <= backoff_max", self.backoff_initial)
+        check(self.batch >= 1, "batch", ">= 1", self.batch)
+
+
+class Backoff:
+    """Delays of initial, 2*initial, 4*initial ... capped at maximum; reset() starts over."""
+
+    def __init__(self, initial: float, maximum: float):
+        self.initial, self.maximum = initial, maximum
+        self.current = initial
+
+    def next(self) -> float:
+        delay = self.current
+        self.current = min(self.current * 2, self.maximum)
+        return delay
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+
+@dataclass
+class OutboxStats:
+    delivered: int = 0  # values delivered
+    replayed: int = 0  # of those, delivered after an outage had held them
+    dropped: int = 0  # values dropped to make room
+    refused: int = 0  # values the receiver refused (permanent errors)
+    outages: int = 0
+
+
+def to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def describe(entries: Sequence[Entry]) -> str:
+    """'120 metrics, 3 tags, 1 status' (values by kind, in order of first appearance)."""
+    counts: dict[str, int] = {}
+    for entry in entries:
+        counts[entry.kind] = counts.get(entry.kind, 0) + entry.values
+    return ", ".join(f"{count} {kind}" for kind, count in counts.items()) or "nothing"
+
+
+class Outbox:
+    def __init__(self, name: str, deliver: Callable[[Sequence[Entry]], int],
+                 permanent: Callable[[Exception], bool], options: OutboxOptions | None = None,
+                 say: Callable[[str], None] = to_stderr, reason: Callable[[Exception], str] = str):
+        self.name, self.deliver, self.permanent = name, deliver, permanent
+        self.options = options or OutboxOptions()
+        self.say, self.reason = say, reason
+        self.stats = OutboxStats()
+        self._pending: deque[Entry] = deque()
+        self._values = self._bytes = 0
+        self._sending = 0  # entries at the head handed to deliver() right now
+        self._down_since: float | None = None
+        self._replaying = 0
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the caller's side: never blocks on the receiver -----------------------------------
+
+    def put(self, entry: Entry) -> None:
+        with self._changed:
+            if self._stop.is_set():
+                self.stats.dropped += entry.values
+                return
+            if not self._make_room(entry):
+                self.stats.dropped += entry.values
+                return
+            self._pending.append(entry)
+            self._values += entry.values
+            self._bytes += entry.nbytes
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"outbox-{self.name}", daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+
+    def _make_room(self, entry: Entry) -> bool:
+        """Drop the oldest droppable entries not being sent (those that free what is short:
+        values or bytes) until `entry` fits. False: it does not fit and may be dropped itself;
+        an entry that must be kept is taken beyond the bound."""
+        options, index = self.options, self._sending
+        if entry.droppable and (entry.values > options.max_values or entry.nbytes > options.max_bytes):
+            return False  # it would not fit in an empty buffer: nothing else need go
+        while True:
+            over_values = self._values + entry.values > options.max_values
+            over_bytes = self._bytes + entry.nbytes > options.max_bytes
+            if not (over_values or over_bytes):
+                return True
+            if index >= len(self._pending):
+                break
+            old = self._pending[index]
+            if old.droppable and ((over_values and old.values) or (over_bytes and old.nbytes)):
+                del self._pending[index]
+                self._values -= old.values
+                self._bytes -= old.nbytes
+                self.stats.dropped += old.values
+            else:
+                index += 1
+        return not entry.droppable
+
+    def pending(self) -> list[Entry]:
+        with self._changed:
+            return list(self._pending)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for everything put so far to be delivered (or
+        refused); True when nothing is left."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+            return True
+
+    def close(self, timeout: float) -> list[Entry]:
+        """wait(timeout), then stop delivering; returns what was not delivered (an entry in
+        flight at that moment is counted as not delivered: it may still arrive)."""
+        self.wait(timeout)
+        with self._changed:
+            self._stop.set()
+            self._changed.notify_all()
+            return list(self._pending)
+
+    # -- the delivering thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = Backoff(self.options.backoff_initial, self.options.backoff_max)
+        while True:
+            with self._changed:
+                while not self._pending and not self._stop.is_set():
+                    self._changed.wait()
+                if self._stop.is_set():
+                    return
+                head = [self._pending[i] for i in range(min(len(self._pending), self.options.batch))]
+                self._sending = len(head)
+            down = refused = False
+            try:
+                taken = self.deliver(head)
+            except Exception as err:  # noqa: BLE001 - the receiver's failures are this class's job
+                refused = self.permanent(err)
+                down, taken = not refused, 1
+                with self._changed:
+                    if down:
+                        self._outage(err)
+                    else:
+                        self.say(f"warning: {self.name} refused {describe(head[:1])}, dropped: "
+                                 f"{self.reason(err)}")
+            with self._changed:
+                self._sending = 0
+                if not down:
+                    self._settle(taken, refused)
+                    backoff.reset()
+                self._changed.notify_all()
+            if down:
+                self._stop.wait(backoff.next())
+
+    def _outage(self, error: Exception) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self.stats.outages += 1
+            self.say(f"warning: {self.name} unreachable ({self.reason(error)}); buffering what is logged "
+                     f"(at most {self.options.max_values} values, the oldest metrics go first) and "
+                     f"retrying every {self.options.backoff_initial:g}-{self.options.backoff_max:g} s")
+
+    def _settle(self, taken: int, refused: bool) -> None:
+        """The first `taken` entries left the outbox (delivered, or refused); report the end
+        of an outage once the backlog it built up is delivered."""
+        for _ in range(taken):
+            entry = self._pending.popleft()
+            self._values -= entry.values
+            self._bytes -= entry.nbytes
+            if refused:
+                self.stats.refused += entry.values
+                continue
+            self.stats.delivered += entry.values
+            if self._down_since is not None:
+                self._replaying += entry.values
+        if self._down_since is not None and not self._pending:
+            self.stats.replayed += self._replaying
+            dropped = f"; {self.stats.dropped} dropped to stay within the bound" if self.stats.dropped else ""
+            self.say(f"{self.name} reachable again after {time.monotonic() - self._down_since:.0f} s: "
+                     f"replayed {self._replaying} buffered values in order{dropped}")
+            self._down_since, self._replaying = None, 0
