@@ -16,6 +16,7 @@ oldest *droppable* entries (metrics) make room and are counted as dropped; the r
 
 from __future__ import annotations
 
+import atexit
 import sys
 import threading
 import time
@@ -122,6 +123,7 @@ class Outbox:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"outbox-{self.name}", daemon=True)
                 self._thread.start()
+                atexit.register(self._at_exit)
             self._changed.notify_all()
 
     def _make_room(self, entry: Entry) -> bool:
@@ -168,10 +170,17 @@ class Outbox:
         """wait(timeout), then stop delivering; returns what was not delivered (an entry in
         flight at that moment is counted as not delivered: it may still arrive)."""
         self.wait(timeout)
+        atexit.unregister(self._at_exit)
         with self._changed:
             self._stop.set()
             self._changed.notify_all()
             return list(self._pending)
+
+    def _at_exit(self) -> None:
+        """A process ending without close(): its delivering thread dies with it, say so."""
+        left = self.pending()
+        if left:
+            self.say(f"warning: {self.name} did not get {describe(left)}: the process exited first")
 
     # -- the delivering thread -------------------------------------------------------------
 

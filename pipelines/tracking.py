@@ -223,6 +223,9 @@ class Tracker:
             span = f" (metrics of steps {steps[0]}-{steps[-1]})" if steps else ""
             to_stderr(f"warning: MLflow did not take {describe(left)}{span} within {timeout:g} s: not "
                       f"delivered")
+        if self.outbox.stats.dropped:
+            to_stderr(f"warning: MLflow: {self.outbox.stats.dropped} buffered values (the oldest metrics "
+                      f"or artifacts) were dropped to stay within the buffer's bound")
         return not left and self._all_delivered()
 
     def finish(self, status: str = "FINISHED", timeout: float | None = None) -> bool:

@@ -4,6 +4,8 @@ timestamps, the bound, backoff, refusals, and the one-line reports."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -138,6 +140,16 @@ def test_close_gives_up_after_its_timeout_and_returns_what_is_left():
     receiver.down = False
     time.sleep(0.3)
     assert receiver.got == []  # closed: nothing is sent any more
+
+
+def test_a_process_exiting_with_a_backlog_says_so():
+    code = ("from enat.pipelines.outbox import Entry, Outbox\n"
+            "def down(head): raise ConnectionError('refused')\n"
+            "box = Outbox('fake', down, lambda err: False)\n"
+            "box.put(Entry('metrics', 1, values=3))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "warning: fake did not get 3 metrics: the process exited first" in result.stderr
 
 
 # -- the Tracker on a real SQLite store behind a client that can be "down" -----------------
