@@ -6,7 +6,10 @@ returns how many of them it delivered (it may merge several into one request), o
 An error that `permanent(error)` calls permanent (the receiver refused the entry, e.g. a
 bad value) drops that entry with a warning: retrying it would block everything behind it.
 Any other error means an outage: the entry stays at the head and delivery is retried
-after 1, 2, 4 ... seconds up to a cap, so the order of entries never changes.
+after 1, 2, 4 ... seconds up to a cap, so the order of entries never changes. An entry
+that failed `probe_after` times in a row while `reachable()` says the receiver answers is
+dropped with a warning too (e.g. a server error on one artifact upload): otherwise it
+would hold everything behind it forever.
 
 One warning when an outage starts, one line when the backlog is delivered again (how much
 was replayed). The buffer is bounded by a count of values and by bytes: when full, the
@@ -22,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from enat.models.typed_config import check
@@ -44,6 +47,7 @@ class OutboxOptions:
     backoff_initial: float = 1.0  # seconds before the first retry, doubled after each failure
     backoff_max: float = 10.0  # cap: a recovered receiver is noticed within this time
     batch: int = 200  # pending entries handed to one deliver() call at most
+    probe_after: int = 3  # failures in a row of one entry before asking whether the receiver answers
 
     def __post_init__(self) -> None:
         check(self.max_values >= 1, "max_values", ">= 1", self.max_values)
@@ -51,6 +55,7 @@ class OutboxOptions:
         check(0 < self.backoff_initial <= self.backoff_max, "backoff_initial",
               "> 0 and <= backoff_max", self.backoff_initial)
         check(self.batch >= 1, "batch", ">= 1", self.batch)
+        check(self.probe_after >= 1, "probe_after", ">= 1", self.probe_after)
 
 
 class Backoff:
@@ -74,8 +79,9 @@ class OutboxStats:
     delivered: int = 0  # values delivered
     replayed: int = 0  # of those, delivered after an outage had held them
     dropped: int = 0  # values dropped to make room
-    refused: int = 0  # values the receiver refused (permanent errors)
+    refused: int = 0  # values the receiver refused (permanent errors, or failing while it answers)
     outages: int = 0
+    lost_kinds: set[str] = field(default_factory=set)  # kinds of what was dropped or refused
 
 
 def to_stderr(line: str) -> None:
@@ -93,8 +99,9 @@ def describe(entries: Sequence[Entry]) -> str:
 class Outbox:
     def __init__(self, name: str, deliver: Callable[[Sequence[Entry]], int],
                  permanent: Callable[[Exception], bool], options: OutboxOptions | None = None,
-                 say: Callable[[str], None] = to_stderr, reason: Callable[[Exception], str] = str):
-        self.name, self.deliver, self.permanent = name, deliver, permanent
+                 say: Callable[[str], None] = to_stderr, reason: Callable[[Exception], str] = str,
+                 reachable: Callable[[], bool] | None = None):
+        self.name, self.deliver, self.permanent, self.reachable = name, deliver, permanent, reachable
         self.options = options or OutboxOptions()
         self.say, self.reason = say, reason
         self.stats = OutboxStats()
@@ -103,6 +110,8 @@ class Outbox:
         self._sending = 0  # entries at the head handed to deliver() right now
         self._down_since: float | None = None
         self._replaying = 0
+        self._failing: Entry | None = None  # the head entry that failed last, and how often
+        self._failures = 0
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,11 +120,8 @@ class Outbox:
 
     def put(self, entry: Entry) -> None:
         with self._changed:
-            if self._stop.is_set():
-                self.stats.dropped += entry.values
-                return
-            if not self._make_room(entry):
-                self.stats.dropped += entry.values
+            if self._stop.is_set() or not self._make_room(entry):
+                self._drop(entry)
                 return
             self._pending.append(entry)
             self._values += entry.values
@@ -145,10 +151,14 @@ class Outbox:
                 del self._pending[index]
                 self._values -= old.values
                 self._bytes -= old.nbytes
-                self.stats.dropped += old.values
+                self._drop(old)
             else:
                 index += 1
         return not entry.droppable
+
+    def _drop(self, entry: Entry) -> None:
+        self.stats.dropped += entry.values
+        self.stats.lost_kinds.add(entry.kind)
 
     def pending(self) -> list[Entry]:
         with self._changed:
@@ -194,26 +204,37 @@ class Outbox:
                     return
                 head = [self._pending[i] for i in range(min(len(self._pending), self.options.batch))]
                 self._sending = len(head)
-            down = refused = False
+            failure = None
             try:
                 taken = self.deliver(head)
             except Exception as err:  # noqa: BLE001 - the receiver's failures are this class's job
-                refused = self.permanent(err)
-                down, taken = not refused, 1
-                with self._changed:
-                    if down:
-                        self._outage(err)
-                    else:
-                        self.say(f"warning: {self.name} refused {describe(head[:1])}, dropped: "
-                                 f"{self.reason(err)}")
+                failure, taken = err, 1
+            refused = failure is not None and self._refuses(failure, head[0])
+            down = failure is not None and not refused
             with self._changed:
                 self._sending = 0
-                if not down:
+                if down:
+                    self._outage(failure)
+                else:
                     self._settle(taken, refused)
                     backoff.reset()
                 self._changed.notify_all()
             if down:
                 self._stop.wait(backoff.next())
+
+    def _refuses(self, error: Exception, entry: Entry) -> bool:
+        """Whether the receiver will not take `entry`: it said so, or it answers (a probe)
+        yet failed this entry `probe_after` times in a row. Says why when so."""
+        if self.permanent(error):
+            self.say(f"warning: {self.name} refused {describe([entry])}, dropped: {self.reason(error)}")
+            return True
+        self._failures = self._failures + 1 if self._failing is entry else 1
+        self._failing = entry
+        if self.reachable is None or self._failures < self.options.probe_after or not self.reachable():
+            return False
+        self.say(f"warning: {self.name} answers but failed {describe([entry])} {self._failures} times "
+                 f"in a row, dropped: {self.reason(error)}")
+        return True
 
     def _outage(self, error: Exception) -> None:
         if self._down_since is None:
@@ -232,6 +253,7 @@ class Outbox:
             self._bytes -= entry.nbytes
             if refused:
                 self.stats.refused += entry.values
+                self.stats.lost_kinds.add(entry.kind)
                 continue
             self.stats.delivered += entry.values
             if self._down_since is not None:

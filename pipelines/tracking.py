@@ -86,7 +86,8 @@ class Tracker:
         self.wait = wait
         self.gave_up: str | None = None  # why nothing more is tracked (a refused run creation)
         self._attempted = threading.Event()  # the run's creation was tried once
-        self.outbox = Outbox("MLflow", self._deliver, refused, buffer, reason=error_line)
+        self.outbox = Outbox("MLflow", self._deliver, refused, buffer, reason=error_line,
+                             reachable=self._reachable)
         if not enabled:
             return
         # The outbox is the retry layer: MLflow's own HTTP retries (7 with backoff, minutes
@@ -145,6 +146,13 @@ class Tracker:
             self.client.set_terminated(self.run_id, first.payload)
         return 1
 
+    def _reachable(self) -> bool:
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception:  # noqa: BLE001 - any failure: not reachable
+            return False
+        return True
+
     def _create_run(self, experiment: str, tags: dict[str, str]) -> None:
         try:
             found = self.client.get_experiment_by_name(experiment)
@@ -201,12 +209,14 @@ class Tracker:
     # -- waiting for delivery --------------------------------------------------------------
 
     def _all_delivered(self) -> bool:
-        stats = self.outbox.stats
-        return self.gave_up is None and not stats.dropped and not stats.refused
+        """Every metric, param, tag and status so far reached MLflow. Artifacts (sample grids,
+        plots) count for less: one that is lost is named in a warning."""
+        return self.gave_up is None and not self.outbox.stats.lost_kinds - {"artifact"}
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait up to `timeout` seconds (default: `wait`) for everything logged so far to
-        reach MLflow; True when it all did (nothing pending, dropped or refused)."""
+        reach MLflow; True when nothing is pending and no metric, param, tag or status was
+        dropped or refused (artifacts aside: see _all_delivered)."""
         if not self.active:
             return self.gave_up is None
         return self.outbox.wait(self.wait if timeout is None else timeout) and self._all_delivered()

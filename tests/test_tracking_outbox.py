@@ -128,6 +128,31 @@ def test_a_refused_entry_is_dropped_with_a_warning_and_the_rest_goes_on():
     assert lines == ["warning: fake refused 1 bad, dropped: bad value"]
 
 
+@pytest.mark.parametrize("answers", [True, False])
+def test_an_entry_that_keeps_failing_while_the_receiver_answers_is_dropped(answers):
+    """A server error on one request (an artifact store that fails) must not hold what
+    follows forever; while the receiver does not answer at all, it is an outage: kept."""
+    receiver = Receiver()
+
+    def deliver(head):
+        if head[0].kind == "artifact":
+            raise ConnectionError("500 from the artifact store")
+        return receiver.deliver(head)
+
+    lines: list[str] = []
+    box = Outbox("fake", deliver, lambda err: False, FAST, say=lines.append, reachable=lambda: answers)
+    box.put(Entry("metrics", 1))
+    box.put(Entry("artifact", "grid", nbytes=10, droppable=True))
+    box.put(Entry("metrics", 2))
+    if answers:
+        assert box.wait(5) and receiver.got == [1, 2]
+        assert box.stats.refused == 1 and box.stats.lost_kinds == {"artifact"}
+        assert "warning: fake answers but failed 1 artifact 3 times in a row, dropped: 500 from" in lines[1]
+    else:
+        assert not box.wait(0.5) and receiver.got == [1]
+        assert [entry.payload for entry in box.pending()] == ["grid", 2]
+
+
 def test_close_gives_up_after_its_timeout_and_returns_what_is_left():
     receiver = Receiver(down=True)
     box, _ = outbox(receiver)
