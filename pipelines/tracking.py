@@ -9,7 +9,7 @@ Every call only queues: one background thread per run delivers to MLflow in orde
 (pipelines/outbox.py), so a slow or down server never holds the training loop. While
 MLflow is unreachable, metrics (with their original step and timestamp), params, tags,
 artifacts and the run's final status stay in a bounded buffer and are retried with backoff;
-one warning says when that starts, one line when the backlog is replayed. `flush()` and
+one warning says when that starts, one line when the backlog is replayed. `close()` and
 `finish()` wait a bounded time and say what could not be delivered. Even creating the run
 may fail: it is then queued first, and `run_id` stays None until MLflow creates it.
 """
@@ -75,8 +75,7 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 class Tracker:
     """One MLflow run, written through an outbox (see the module docstring).
 
-    `wait`: the seconds flush(), close() and finish() wait for an unreachable MLflow by
-    default. A disabled tracker (`enabled=False`) ignores every call."""
+    `wait`: the seconds close() and finish() wait for an unreachable MLflow by default. A disabled tracker (`enabled=False`) ignores every call."""
 
     def __init__(self, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
                  run_id: str | None = None, parent_run_id: str | None = None,
@@ -213,16 +212,10 @@ class Tracker:
         plots) count for less: one that is lost is named in a warning."""
         return self.gave_up is None and not self.outbox.stats.lost_kinds - {"artifact"}
 
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait up to `timeout` seconds (default: `wait`) for everything logged so far to
-        reach MLflow; True when nothing is pending and no metric, param, tag or status was
-        dropped or refused (artifacts aside: see _all_delivered)."""
-        if not self.active:
-            return self.gave_up is None
-        return self.outbox.wait(self.wait if timeout is None else timeout) and self._all_delivered()
-
     def close(self, timeout: float | None = None) -> bool:
-        """flush(timeout), then stop delivering; says what did not reach MLflow. The run
+        """Wait up to `timeout` seconds (default: `wait`) for what is buffered to reach
+        MLflow, then stop delivering; says what did not. True when nothing is left and no
+        metric, param, tag or status was dropped or refused (see _all_delivered). The run
         keeps its status (a run continued later stays RUNNING)."""
         if not self.active:
             return self.gave_up is None

@@ -246,7 +246,7 @@ def test_tracker_finish_is_bounded_and_names_what_was_not_delivered(flaky_mlflow
     tracker = Tracker("tests", "cut", buffer=FAST)
     assert tracker.run_id
     tracker.log_metrics({"loss": 1.0}, 1)
-    assert tracker.flush(10)
+    assert tracker.outbox.wait(10)
     flaky_mlflow["down"] = True
     for step in (2, 3, 4):
         tracker.log_metrics({"loss": 1.0, "lr": 0.1}, step)
