@@ -75,7 +75,8 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 class Tracker:
     """One MLflow run, written through an outbox (see the module docstring).
 
-    `wait`: the seconds close() and finish() wait for an unreachable MLflow by default. A disabled tracker (`enabled=False`) ignores every call."""
+    `wait`: the seconds close() and finish() wait for an unreachable MLflow by default.
+    A disabled tracker (`enabled=False`) ignores every call."""
 
     def __init__(self, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
                  run_id: str | None = None, parent_run_id: str | None = None,
