@@ -31,8 +31,8 @@ MODEL = {"kind": "enat", "codebook_size": 32, "grid_size": 4, "width": 32, "head
 STEPS, EVERY, OUTAGE_FROM, OUTAGE_UNTIL = 60, 10, 10, 30
 
 # Trains in this process; at the checkpoint of OUTAGE_FROM it says so and waits for the
-# test to take MLflow down, at OUTAGE_UNTIL it waits for MLflow to be back: the steps in
-# between are logged during the outage, the later ones while its backlog is replayed.
+# test to take MLflow down, at OUTAGE_UNTIL it says so and waits for MLflow to be back: the
+# steps in between are logged during the outage, the later ones while its backlog is replayed.
 RUNNER = """
 import pathlib, sys, time
 from enat.cluster.config import load_config
@@ -51,6 +51,7 @@ def on_checkpoint(step, url, metrics):
         (sync / "at-outage").touch()
         wait_for("down")
     elif step == until:
+        (sync / "at-until").touch()
         wait_for("up")
 
 train(load_config(TrainJob, preset, []).loop_config(), on_checkpoint=on_checkpoint)
@@ -108,6 +109,9 @@ def test_metrics_logged_while_mlflow_is_down_arrive_after_it_returns(mlflow_serv
         while mlflow_server.healthy():
             time.sleep(0.05)
         (sync / "down").touch()
+        while not (sync / "at-until").exists():  # training goes on while MLflow is down
+            assert restart.is_alive() and process.poll() is None, "training was held by the outage"
+            time.sleep(0.1)
         restart.join()
         assert mlflow_server.healthy()
         (sync / "up").touch()
