@@ -109,13 +109,16 @@ class TrialLogger:
     def __new__(cls, parent: Tracker, experiment: str):
         from ray.tune import Callback
 
+        # Tune pickles its callbacks: keep the parent's id, not the tracker (its thread, locks).
+        parent_run_id, enabled = parent.run_id, parent.active
+
         class _Logger(Callback):
             def on_trial_complete(self, iteration, trials, trial, **info):
                 metrics = trial.last_result or {}
                 if "fid" not in metrics:
                     return
-                child = Tracker(experiment, f"trial-{trial.trial_id}", parent_run_id=parent.run_id,
-                                enabled=parent.active)
+                child = Tracker(experiment, f"trial-{trial.trial_id}", parent_run_id=parent_run_id,
+                                enabled=enabled)
                 child.log_params({k: v for k, v in trial.config.items() if k != "vector"})
                 child.log_metrics({"fid": metrics["fid"]}, step=max(0, int(metrics.get("update", 0))))
                 child.finish()

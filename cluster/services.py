@@ -248,11 +248,12 @@ class MLflowServer:
         return bool(info and pid_alive(info["pid"])
                     and _http_status(f"http://127.0.0.1:{info['port']}/health") == 200)
 
-    def start(self, s3: S3Endpoint, timeout: float = 90.0) -> str:
+    def start(self, s3: S3Endpoint, timeout: float = 90.0, port: int | None = None) -> str:
+        """Start the server unless it runs (on a free port, or `port`); returns its URL."""
         if self.healthy():
             return f"http://127.0.0.1:{self.info()['port']}"
         self.stop()
-        port = free_port()
+        port = port or free_port()
         env = {**os.environ, **s3.env(), "MLFLOW_S3_ENDPOINT_URL": s3.url,
                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         command = [
@@ -280,6 +281,16 @@ class MLflowServer:
         if info:
             stop_pid(info["pid"], group=True)
             self.info_path.unlink(missing_ok=True)
+
+    def restart(self, s3: S3Endpoint, down_seconds: float = 0.0) -> str:
+        """Stop the server, leave it down for `down_seconds`, start it again on the same
+        port over the same store: clients keep their MLFLOW_TRACKING_URI (an outage drill)."""
+        info = self.info()
+        if not info:
+            raise ServiceError("no MLflow server to restart")
+        self.stop()
+        time.sleep(down_seconds)
+        return self.start(s3, port=info["port"])
 
 
 def sqlite_uri(state_dir: Path) -> str:

@@ -92,12 +92,14 @@ class WatchConfig:
     num_gpus: float = 0.25  # used only when the cluster has GPUs: a share of one beside training
     device: str = "auto"
     lease: LeaseConfig = field(default_factory=LeaseConfig)  # one watcher per run
+    tracking_wait: float = 60.0  # seconds an evaluation waits for an unreachable MLflow before giving up
 
     def __post_init__(self) -> None:
         check(bool(self.reference), "reference", "a stats npz, image set or token shards URL", self.reference)
         check(self.num_samples >= 2, "num_samples", ">= 2 (FID needs a covariance)", self.num_samples)
         check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
         check(self.steps >= 0, "steps", ">= 0 (0 = the strategy's own)", self.steps)
+        check(self.tracking_wait >= 0, "tracking_wait", ">= 0", self.tracking_wait)
         check(self.poll_seconds > 0, "poll_seconds", "> 0", self.poll_seconds)
         check(self.idle_timeout >= 0, "idle_timeout", ">= 0 (0 = never)", self.idle_timeout)
         check(self.max_in_flight >= 1, "max_in_flight", ">= 1", self.max_in_flight)

@@ -1,11 +1,16 @@
 """Evaluate a training run's checkpoints as they land, each exactly once.
 
 The ledger is the run's storage, not the watcher's memory: evaluating step n ends by
-publishing `{run}/evals/step-<n>.json` (atomically, after the metrics are in MLflow), and
-a checkpoint counts as evaluated once that record exists. A restarted watcher therefore
+publishing `{run}/evals/step-<n>.json` (atomically, after MLflow has confirmed the metrics),
+and a checkpoint counts as evaluated once that record exists. A restarted watcher therefore
 re-reads the ledger and only picks up what has no record; only an evaluation that was cut
 off mid-way runs again. One watcher per run: two at once could evaluate a step twice, so a
 watcher holds the lease `evals/lease.json` (watch_lease).
+
+An evaluation whose metrics MLflow has not taken within `tracking_wait` seconds (MLflow
+unreachable) fails without a record, so a rerun evaluates and logs that checkpoint again;
+so does one of a tracked training run whose MLflow run is not created yet (MLflow was down
+when training started).
 
 This module is the work of one evaluation and the bookkeeping around it; dispatching the
 work as Ray tasks is cluster/eval_watch.py's.
@@ -70,11 +75,16 @@ def training_run_id(run_url: str) -> str | None:
     return json.loads(storage.read_bytes(url)).get("mlflow_run_id") if storage.exists(url) else None
 
 
+def _tracks(checkpoint_url: str) -> bool:
+    config = json.loads(storage.read_bytes(storage.join(checkpoint_url, runs.TRAIN_CONFIG_NAME)))
+    return bool(config.get("tracking", True))
+
+
 def evaluate_step(config: WatchConfig, step: int, checkpoint_url: str) -> dict[str, Any]:
     """Evaluate one checkpoint's EMA weights, log the metrics into the training run's MLflow
     run at `step`, then publish the record. Returns the record."""
     from enat.evaluation.evaluate import evaluate_checkpoint, evaluation_metrics
-    from enat.pipelines.tracking import Tracker
+    from enat.pipelines.tracking import Tracker, TrackingUndelivered
 
     out = storage.join(evals_url(config.run), f"step-{step}")
     ema_url = storage.join(checkpoint_url, runs.EMA_DIR)
@@ -84,11 +94,18 @@ def evaluate_step(config: WatchConfig, step: int, checkpoint_url: str) -> dict[s
                                  device=config.device, progress=False)
     run_id = training_run_id(config.run)
     if run_id:
-        tracker = Tracker("", "", run_id=run_id)
+        tracker = Tracker("", "", run_id=run_id, wait=config.tracking_wait)
         tracker.log_metrics(evaluation_metrics(result, prefix="eval/"), step=step)
         tracker.set_tags({"eval.extractor_id": result["extractor_id"], "eval.strategy": result["strategy"],
                           "eval.num_samples": result["num_samples"], "eval.seed": result["seed"]})
         tracker.log_bytes(storage.read_bytes(result["grid"]), "grid.png", f"evals/step-{step}")
+        if not tracker.close():
+            raise TrackingUndelivered(f"MLflow did not take step {step}'s metrics within "
+                                      f"{config.tracking_wait:g} s; no record published, a rerun "
+                                      f"evaluates it")
+    elif _tracks(checkpoint_url):
+        raise TrackingUndelivered(f"the training run tracks to MLflow but its run is not created yet "
+                                  f"(MLflow unreachable?); no record for step {step}, a rerun evaluates it")
     record = {key: value for key, value in result.items() if key != "strategy_yaml"}
     record.update(step=step, mlflow_run_id=run_id)
     storage.write_bytes(record_url(config.run, step), json.dumps(record, indent=1).encode())

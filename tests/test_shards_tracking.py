@@ -92,11 +92,13 @@ def test_tracker_logs_to_sqlite_and_filters_secrets(tmp_path, monkeypatch):
     assert flatten({"a": {"password": 1, "b": 2}}) == {"a.b": "2"}
 
 
-def test_unreachable_tracking_degrades_to_a_warning(monkeypatch, capsys):
+def test_unreachable_tracking_buffers_and_finish_says_what_was_lost(monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     tracker = Tracker("tests", "run-2")
-    tracker.log_metrics({"loss": 1.0}, step=1)  # no exception
-    assert not tracker.active
-    assert "warning: MLflow tracking disabled" in capsys.readouterr().err
+    tracker.log_metrics({"loss": 1.0}, step=1)  # no exception, no wait
+    assert tracker.active and tracker.run_id is None  # the run is created once MLflow answers
+    assert not tracker.finish(timeout=0.5)
+    err = capsys.readouterr().err
+    assert "warning: MLflow unreachable" in err
+    assert "MLflow did not take 1 run, 1 metrics, 1 status (metrics of steps 1-1) within 0.5 s" in err

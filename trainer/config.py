@@ -78,6 +78,7 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)  # val_loss at checkpoints
     mlflow_experiment: str = "enat-train"
     tracking: bool = True
+    tracking_wait: float = 60.0  # seconds the run's end waits for an unreachable MLflow to take the buffer
 
     def __post_init__(self) -> None:
         check(bool(self.run) and "/" not in self.run, "run", "a non-empty name without '/'", self.run)
@@ -94,6 +95,7 @@ class TrainConfig:
         check(0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)", self.ema_decay)
         check(self.keep_last >= 1, "keep_last", ">= 1", self.keep_last)
         check(self.grad_clip >= 0, "grad_clip", ">= 0", self.grad_clip)
+        check(self.tracking_wait >= 0, "tracking_wait", ">= 0", self.tracking_wait)
 
 
 @dataclass

@@ -131,6 +131,8 @@ class Trainer:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config, dist_init_required=False)
         self.tracker: Tracker | None = None
+        self.tracking_url = storage.join(runs.run_url(config.root, config.run), runs.TRACKING_NAME)
+        self.run_id_recorded = False
         self.stream: TokenStream | None = None
         self.last_checkpoint: str | None = None
         self.metrics: dict[str, float] = {}
@@ -160,15 +162,23 @@ class Trainer:
 
     def _start_tracking(self) -> None:
         config = self.config
-        tracking_url = storage.join(runs.run_url(config.root, config.run), runs.TRACKING_NAME)
-        run_id = json.loads(storage.read_bytes(tracking_url))["mlflow_run_id"] \
-            if config.tracking and storage.exists(tracking_url) else None
+        run_id = json.loads(storage.read_bytes(self.tracking_url))["mlflow_run_id"] \
+            if config.tracking and storage.exists(self.tracking_url) else None
         tags = {"enat.run": config.run, "enat.root": config.root, "enat.model": self.kind}
         self.tracker = Tracker(config.mlflow_experiment, config.run, run_id=run_id, enabled=config.tracking,
-                               tags=tags)
-        if self.tracker.active and run_id is None:
+                               tags=tags, wait=config.tracking_wait)
+        self.run_id_recorded = run_id is not None
+        if config.tracking and run_id is None:
             self.tracker.log_params(to_dict(config))
-            storage.write_bytes(tracking_url, json.dumps({"mlflow_run_id": self.tracker.run_id}).encode())
+        self._record_run_id()
+
+    def _record_run_id(self) -> None:
+        """Name the MLflow run in the run's tracking.json once MLflow has created it: at the
+        start, or, when MLflow was down then, at a later checkpoint or the end."""
+        if not self.run_id_recorded and self.tracker.run_id:
+            record = {"mlflow_run_id": self.tracker.run_id}
+            storage.write_bytes(self.tracking_url, json.dumps(record).encode())
+            self.run_id_recorded = True
 
     # -- one step ------------------------------------------------------------------------
 
@@ -258,6 +268,8 @@ class Trainer:
         if self.val_batch is not None:
             self._validate(step)
         url = runs.step_url(config.root, config.run, step)
+        if self.rank == 0:
+            self._record_run_id()  # before the checkpoint appears: its evaluation logs there
         saved = checkpoint.save(url, step, self.engine, self.ema.model, self.export_config,
                                 self.stream.position().to_dict(), to_dict(config),
                                 meta={"zero_stage": config.zero_stage, "model": self.model_dict,
@@ -329,8 +341,14 @@ class Trainer:
                     paused = time.perf_counter()
                     self._checkpoint(step, on_checkpoint)
                     meter.started += time.perf_counter() - paused  # rates count training only
-            if self.rank == 0 and step == config.steps:
-                self.tracker.finish("FINISHED")
+            if self.rank == 0:
+                # What is buffered is delivered first (waiting at most tracking_wait); a run
+                # stopped early is continued later and stays RUNNING.
+                if step == config.steps:
+                    self.tracker.finish("FINISHED")
+                else:
+                    self.tracker.close()
+                self._record_run_id()
         except BaseException:
             if self.rank == 0 and self.tracker is not None:
                 self.tracker.finish("FAILED")

@@ -210,7 +210,7 @@ class _TokenizerTraining:
                                      "held_out_images": len(self.data.held_out),
                                      "rejected_images": len(self.data.rejected)})
         self.meta = {"config": to_dict(config), "model": config_to_dict(model_config),
-                     "mlflow_run_id": self.tracker.run_id, "perceptual_id": perceptual_id}
+                     "perceptual_id": perceptual_id}
 
     def batch(self, step: int) -> Tensor:
         config = self.config
@@ -280,7 +280,9 @@ class _TokenizerTraining:
                 bar.set_postfix(loss=f"{terms['loss']:.4f}", psnr=f"{result.psnr:.2f}",
                                 usage=f"{result.codebook_usage:.2f}")
             if done % config.checkpoint_every == 0 or done == config.steps:
-                save_checkpoint(config, done, self.model, self.optimizer, self.last_used, self.meta)
+                # The run id as of now: MLflow may have created the run after an outage.
+                meta = {**self.meta, "mlflow_run_id": self.tracker.run_id}
+                save_checkpoint(config, done, self.model, self.optimizer, self.last_used, meta)
         bar.close()
         final_step = max(self.start, config.steps)
         return final_step, self.evaluate(final_step)
