@@ -74,6 +74,23 @@ def test_mlflow_server_starts_with_artifacts_in_seaweedfs(tmp_path):
 
         with urllib.request.urlopen(uri + "/health", timeout=5) as response:
             assert response.status == 200
+        # An artifact logged through the server lands in SeaweedFS (the server writes it with boto3).
+        probe = (
+            "import sys\n"
+            "from mlflow.tracking import MlflowClient\n"
+            "client = MlflowClient(sys.argv[1])\n"
+            "run = client.create_run(client.create_experiment('artifacts')).info.run_id\n"
+            "client.log_text(run, 'kept in seaweedfs', 'probe.txt')\n"
+            "from enat.pipelines import storage\n"
+            "fs, root = storage.filesystem('s3://enat/mlflow')\n"
+            "print([key for key in fs.find(root) if key.endswith('/probe.txt')])\n")
+        settings = dict(line.removeprefix("export ").split("=", 1)
+                        for line in enat(state, "services", "env").stdout.splitlines() if "=" in line)
+        env = {**os.environ, **{name: value.strip("'\"") for name, value in settings.items()}}
+        logged = subprocess.run([sys.executable, "-c", probe, uri], capture_output=True, text=True,
+                                timeout=120, env=env)
+        assert logged.returncode == 0, logged.stderr[-2000:]
+        assert "/probe.txt" in logged.stdout
     finally:
         enat(state, "services", "down")
     assert "mlflow: no server" in enat(state, "services", "status").stdout
