@@ -4,7 +4,8 @@ A job that writes a training run, a pretokenize output or a run's evaluations fi
 the lease `lease.json` in that folder (the run folder, the output, the run's `evals/`),
 renews it every `heartbeat_seconds` while it works and deletes it when it ends. A second
 job finds it held and stops with LeaseHeld: one line naming the holder (exit 2). A lease
-nobody renewed for `stale_seconds` (its holder was killed, its machine died) is taken over.
+nobody renewed for `stale_seconds` (its holder was killed, its machine died) is taken over,
+and so at once is a lease whose holder ran on this machine and whose process is gone.
 
 The lease names an owner id that whoever launches the job makes once: a restarted process
 of the same job (torchrun restarts its ranks under one run id) takes its own lease back at
@@ -36,6 +37,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 from enat.models.errors import UserError
 from enat.pipelines import storage
@@ -53,6 +55,17 @@ class LeaseLost(UserError, RuntimeError):
     """This job's lease was taken over, or could not be renewed before it went stale."""
 
 
+def process_space() -> str:
+    """This kernel boot and pid namespace (Linux): two processes with the same value see each
+    other's pids. A hostname is not enough: containers on other machines may share one."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    return f"{boot}/{namespace}"
+
+
 def new_owner(kind: str) -> str:
     """A fresh owner id for one job, e.g. `train-3f2a9c1b04de`."""
     return f"{kind}-{uuid.uuid4().hex[:12]}"
@@ -68,12 +81,28 @@ class Holder:
     acquired: float  # time.time() when it was taken
     renewed: float  # ... and of the last heartbeat
     stale_seconds: float  # the holder's own setting decides when its lease is stale
+    process_space: str = ""  # where `pid` means something (process_space()); "" if unknown
 
     def age(self) -> float:
         return time.time() - self.renewed
 
     def stale(self) -> bool:
         return self.age() >= self.stale_seconds
+
+    def dead(self) -> bool:
+        """Whether the holder's process is known to be gone: it ran where this process can
+        see its pid (same kernel boot, same pid namespace) and that pid is not running.
+        A job killed with SIGKILL, or ended by a storage outage that kept it from removing
+        its lease, is then taken over at once instead of after `stale_seconds`."""
+        if not self.process_space or self.process_space != process_space():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # running, as another user
+            return False
+        return False
 
     def describe(self) -> str:
         return f"{self.owner} (host {self.host}, pid {self.pid}, last heartbeat {self.age():.0f} s ago)"
@@ -95,15 +124,17 @@ class Lease:
         for _ in range(_ATTEMPTS):
             current = storage.read_tagged(self.url)
             previous = self._parse(current.data) if current is not None else None
-            if previous is not None and previous.owner != self.owner and not previous.stale():
+            if previous is not None and previous.owner != self.owner and not previous.stale() \
+                    and not previous.dead():
                 raise LeaseHeld(self._held_message(previous))
             now = time.time()
             holder = Holder(self.owner, socket.gethostname(), os.getpid(), acquired=now, renewed=now,
-                            stale_seconds=self.config.stale_seconds)
+                            stale_seconds=self.config.stale_seconds, process_space=process_space())
             tag = storage.write_if(self.url, _dump(holder), current.tag if current is not None else None)
             if tag is not None and self._settled(holder, created=current is None):
                 if previous is not None and previous.owner != self.owner:
-                    print(f"{self.what}: took over the stale lease of {previous.describe()}", file=sys.stderr,
+                    how = "stale lease" if previous.stale() else "lease (its process is gone)"
+                    print(f"{self.what}: took over the {how} of {previous.describe()}", file=sys.stderr,
                           flush=True)
                 self.holder, self.tag, self.lost = holder, tag, None
                 return

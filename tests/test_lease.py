@@ -3,6 +3,7 @@ conditional writes under it, and the commands that refuse to start on a held out
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -152,6 +153,31 @@ def test_a_holder_whose_lease_is_taken_stops_at_once(tmp_path):
     assert holder.returncode == 2
     assert f"output 'out': its lease {url} was taken over by train-other" in err
     assert storage.read_bytes(url) == taken  # the new holder's lease stays
+
+
+def test_a_lease_whose_process_is_gone_is_taken_over_at_once(tmp_path, capsys):
+    """A holder killed with SIGKILL leaves its lease, fresh for 180 s; on the machine where it
+    ran, its pid is known to be gone, so the next job takes over at once. A lease written
+    elsewhere (another boot or pid namespace) is never judged by a local pid."""
+    folder = str(tmp_path / "out")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.replace("LeaseConfig(0.2, 0.8)", "LeaseConfig()"),
+                               folder], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert holder.stdout.readline() == "holding\n"
+    with pytest.raises(LeaseHeld, match="in use by train-holder"):
+        lease(folder, config=LeaseConfig()).acquire()  # alive: refused
+    holder.kill()
+    holder.wait()
+    url = storage.join(folder, "lease.json")
+    elsewhere = storage.read_bytes(url).replace(b'"process_space": "', b'"process_space": "other-boot/')
+    storage.write_bytes(url, elsewhere)
+    with pytest.raises(LeaseHeld, match="in use by train-holder"):
+        lease(folder, config=LeaseConfig()).acquire()
+    storage.write_bytes(url, elsewhere.replace(b"other-boot/", b""))
+    taker = lease(folder, config=LeaseConfig())
+    taker.acquire()
+    assert f"took over the lease (its process is gone) of train-holder (host {socket.gethostname()}, " \
+           f"pid {holder.pid}" in capsys.readouterr().err
+    taker.release()
 
 
 def test_a_second_eval_watcher_and_a_second_tokenizer_run_are_refused(tmp_path, capsys):
