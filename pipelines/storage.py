@@ -245,18 +245,8 @@ def write_if(url: str, data: bytes, tag: str | None) -> str | None:
                 handle.write(data)
             os.replace(temporary, path)
             return hashlib.sha256(data).hexdigest()
-    condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
-    if not honours_conditions(url):
-        if _current_tag(url) != tag:
-            return None
-        condition = {}
-    bucket, key, _ = fs.split_path(path)
-    try:
-        return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
-    except OSError as err:
-        if _condition_refused(err):
-            return None
-        raise
+    response = _s3_call_if(fs, path, url, "put_object", tag, Body=data)
+    return None if response is None else response["ETag"]
 
 
 def remove_if(url: str, tag: str) -> bool:
@@ -268,19 +258,27 @@ def remove_if(url: str, tag: str) -> bool:
                 return False
             os.remove(path)
             return True
-    condition = {"IfMatch": tag}
-    if not honours_conditions(url):
-        if _current_tag(url) != tag:
-            return False
+    return _s3_call_if(fs, path, url, "delete_object", tag) is not None
+
+
+def _s3_call_if(fs: Any, path: str, url: str, method: str, tag: str | None, **arguments: Any) -> Any:
+    """One S3 request made only if the object is as the caller read it: absent (`tag` None)
+    or unchanged (its tag). Its response, or None when the object had changed. The server
+    decides (If-None-Match / If-Match) where it honours those headers; elsewhere a read just
+    before the request is the check, which another writer can slip between."""
+    if honours_conditions(url):
+        condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+    elif _current_tag(url) != tag:
+        return None
+    else:
         condition = {}
     bucket, key, _ = fs.split_path(path)
     try:
-        fs.call_s3("delete_object", Bucket=bucket, Key=key, **condition)
+        return fs.call_s3(method, Bucket=bucket, Key=key, **arguments, **condition)
     except OSError as err:
         if _condition_refused(err):
-            return False
+            return None
         raise
-    return True
 
 
 _honoured: dict[tuple[str, str], bool] = {}
