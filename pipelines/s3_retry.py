@@ -45,6 +45,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from fsspec.asyn import sync_wrapper
 from s3fs import S3FileSystem
 
+from enat.pipelines.outbox import Backoff
 from enat.pipelines.storage import StorageError, StorageUnreachable
 
 RETRY_SECONDS_VARIABLE = "ENAT_STORAGE_RETRY_SECONDS"
@@ -127,7 +128,7 @@ class RetryingS3FileSystem(S3FileSystem):
         return self.endpoint_url or (client.meta.endpoint_url if client is not None else "S3")
 
     async def _call_s3(self, method: str, *akwarglist: Any, **kwargs: Any) -> Any:
-        started, delay, retries = time.monotonic(), FIRST_DELAY, 0
+        started, backoff, retries = time.monotonic(), Backoff(FIRST_DELAY, MAX_DELAY), 0
         # Once a window has run out, later calls make one attempt each: s3fs probes a bucket
         # twice (and swallows the errors) before it creates it, and each would wait again.
         since = _unreachable_since.get(self.endpoint_url, started)
@@ -152,8 +153,7 @@ class RetryingS3FileSystem(S3FileSystem):
                 retries += 1
                 # Jittered, so that many workers do not all return at the same instant; the
                 # last attempt is made at the end of the window.
-                await asyncio.sleep(min(delay * random.uniform(0.5, 1.0), deadline - now))
-                delay = min(2 * delay, MAX_DELAY)
+                await asyncio.sleep(min(backoff.next() * random.uniform(0.5, 1.0), deadline - now))
                 continue
             _unreachable_since.pop(self.endpoint_url, None)
             if retries:
