@@ -28,6 +28,11 @@ from enat.pipelines.model_io import save_model
 BIN = Path(sys.executable).parent
 
 
+def presenting(token: Path, url: str) -> urllib.request.Request:
+    """A request to the Ray dashboard carrying the token in `token` (Ray's bearer header)."""
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {token.read_text()}"})
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """`ray start --head --block` with token authentication, as the cluster manifests start
@@ -52,8 +57,7 @@ def ray_head(tmp_path_factory):
     head = subprocess.Popen(command, env=env, stdout=open(temp / "head.log", "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
-    request = urllib.request.Request(f"{address}/api/version",
-                                     headers={"Authorization": f"Bearer {token.read_text()}"})
+    request = presenting(token, f"{address}/api/version")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -169,8 +173,6 @@ def test_submit_poll_logs_and_list(ray_head, tmp_path, secret_nowhere):
 
 def job_info(address: str, with_token: dict[str, str], job_id: str) -> dict:
     """The job as the cluster records it (its runtime env included), read with the token."""
-    token = Path(with_token["RAY_AUTH_TOKEN_PATH"]).read_text()
-    request = urllib.request.Request(f"{address}/api/jobs/{job_id}",
-                                     headers={"Authorization": f"Bearer {token}"})
+    request = presenting(Path(with_token["RAY_AUTH_TOKEN_PATH"]), f"{address}/api/jobs/{job_id}")
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
