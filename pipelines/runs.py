@@ -5,13 +5,14 @@ Layout under a storage root:
     runs/<run>/                          run_url(root, run)
       lease.json                         held by the job training the run (run_lease)
       checkpoints/step-<n>/              step_url(root, run, n): one checkpoint
-        deepspeed/                       the engine's state (model, optimizer, LR schedule),
-                                         one or more files per rank
+        state/model.safetensors          the fp32 weights, whole tensors by parameter name
+        state/optimizer.safetensors      AdamW's moments, likewise: any world size or ZeRO
+                                         stage loads them (trainer/train_state.py)
         ema/                             the EMA weights as an exported model
                                          (`pipelines.model_io.load_model` loads it)
-        data/rank-<r>.json               each rank's data-stream position
         train_config.json                the run's config
-        checkpoint.json                  the marker, written last
+        checkpoint.json                  the marker, written last: step, optimizer step,
+                                         data position, global batch, every file's sha256
 
 The marker is what makes a checkpoint: object stores have no atomic folder rename, so
 readers only consider step folders that have one (trainer/checkpoint.py writes, prunes and
@@ -37,9 +38,8 @@ from enat.pipelines.lease import Lease
 RUNS_DIR = "runs"
 CHECKPOINTS_DIR = "checkpoints"
 MARKER = "checkpoint.json"
-DEEPSPEED_DIR = "deepspeed"
+STATE_DIR = "state"
 EMA_DIR = "ema"
-DATA_DIR = "data"
 TRAIN_CONFIG_NAME = "train_config.json"
 TRACKING_NAME = "tracking.json"  # {"mlflow_run_id": ...}: the loop writes it, evaluations log there
 STEP_FOLDER = re.compile(r"step-(\d+)")

@@ -166,6 +166,17 @@ class Tracker:
         finally:
             self._attempted.set()
 
+    def last_step(self, key: str) -> int:
+        """The highest step MLflow holds a `key` metric for (0: none, or MLflow unreachable).
+        A run restarted from its last checkpoint recomputes the steps after it; the loop
+        logs only those MLflow does not have, so each step is logged once."""
+        if not self.active or self.run_id is None:
+            return 0
+        try:
+            return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+        except Exception:  # noqa: BLE001 - unreachable: log everything rather than lose steps
+            return 0
+
     # -- logging: queued, never blocking ---------------------------------------------------
 
     def _put(self, entry: Entry) -> None:

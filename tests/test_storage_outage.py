@@ -56,7 +56,7 @@ def setup(tmp_path_factory) -> Setup:
             write_synthetic_shards(f"{bucket}/data", SyntheticSpec(grid=4, codebook_size=64, num_classes=5,
                                                                    samples=96, per_shard=8))
         root = f"{bucket}/root"
-        data = {"url": f"{bucket}/data", "readers": 1, "shuffle_buffer": 4, "prefetch": 4}
+        data = {"url": f"{bucket}/data", "readers": 1, "shuffle_window": 4, "prefetch": 4}
         preset = write_preset(tmp_path, ENAT, root=root, steps=STEPS, checkpoint_every=EVERY, tracking=False,
                               data=data)
         (tmp_path / "runner.py").write_text(RUNNER)
@@ -146,7 +146,7 @@ def test_the_token_stream_started_during_an_outage_gives_the_same_batches(s3_env
     from enat.trainer.data import DataConfig, TokenStream, open_dataset
 
     setup = s3_env_of
-    config = DataConfig(url=setup.root.replace("/root", "/data"), readers=2, shuffle_buffer=4, prefetch=4)
+    config = DataConfig(url=setup.root.replace("/root", "/data"), readers=2, shuffle_window=4, prefetch=4)
     dataset = open_dataset(config, MODEL)
     calm = TokenStream(dataset, config, batch_size=6, seed=5, rank=0, world_size=1)
     expected = keys_of(calm, 20)  # more than an epoch
@@ -178,7 +178,7 @@ def test_an_outage_past_the_window_ends_with_one_line_and_a_rerun_resumes(s3_env
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-6000:]
-    assert f"resumed from {runs.step_url(setup.root, 'long', published)} (step {published})" in rerun.stdout
+    assert f"resumed from {runs.step_url(setup.root, 'long', published)} (step {published}," in rerun.stdout
     assert f"run long finished at step {STEPS}" in rerun.stdout
     # Each checkpoint records the loss of its step: after the resume they equal the
     # uninterrupted run's.

@@ -90,7 +90,7 @@ def test_metrics_logged_while_mlflow_is_down_arrive_after_it_returns(mlflow_serv
         "run": "through-outage", "root": str(tmp_path / "root"), "model": MODEL, "steps": STEPS,
         "batch_size": 8, "warmup_steps": 2, "precision": "fp32", "log_every": 1, "checkpoint_every": EVERY,
         "keep_last": 2, "validation": {"samples": 16}, "mlflow_experiment": "outage", "tracking_wait": 120,
-        "data": {"url": str(tmp_path / "data"), "readers": 1, "shuffle_buffer": 16}}))
+        "data": {"url": str(tmp_path / "data"), "readers": 1, "shuffle_window": 16}}))
     (tmp_path / "runner.py").write_text(RUNNER)
     sync = tmp_path / "sync"
     sync.mkdir()

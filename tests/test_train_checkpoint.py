@@ -1,5 +1,6 @@
-"""Checkpoint folders on storage: only marked folders count, pruning, crash leftovers, and
-the checks that refuse a checkpoint the run cannot continue from (local and SeaweedFS)."""
+"""Checkpoint folders on storage: only marked folders count, pruning, crash leftovers, the
+checks that refuse a checkpoint the run cannot continue from (local and SeaweedFS), and the
+global batch kept across world sizes."""
 
 from __future__ import annotations
 
@@ -10,16 +11,18 @@ import pytest
 from enat.pipelines import runs, storage
 from enat.pipelines.runs import CheckpointError
 from enat.trainer import checkpoint
+from enat.trainer.config import TrainConfig
+from enat.trainer.resume import BatchDoesNotSplit, batch_plan
 
 
-def fake_checkpoint(root: str, run: str, step: int, complete: bool = True) -> str:
+def fake_checkpoint(root: str, run: str, step: int, complete: bool = True, version: int = 3) -> str:
     url = runs.step_url(root, run, step)
-    files = ["deepspeed/mp_rank_00_model_states.pt"]
+    files = ["state/model.safetensors"]
     for name in files:
         storage.write_bytes(storage.join(url, name), b"x")
     if complete:
-        meta = {"step": step, "world_size": 2, "zero_stage": 2, "model": {"kind": "enat", "width": 64},
-                "files": files}
+        meta = {"format_version": version, "step": step, "world_size": 2, "zero_stage": 2,
+                "model": {"kind": "enat", "width": 64}, "files": files}
         storage.write_bytes(storage.join(url, runs.MARKER), json.dumps(meta).encode())
     return url
 
@@ -53,22 +56,25 @@ def test_only_marked_folders_are_checkpoints_and_pruning_keeps_the_newest(root):
 
 def test_resume_checks_name_what_differs(tmp_path):
     saved = runs.open_checkpoint(fake_checkpoint(str(tmp_path), "r", 5))
-    checkpoint.check_resumable(saved, 2, 2, {"kind": "enat", "width": 64})
-    with pytest.raises(CheckpointError, match="written by 2 workers with ZeRO-2; resume with the same"):
-        checkpoint.check_resumable(saved, 4, 2, {"kind": "enat", "width": 64})
+    checkpoint.check_resumable(saved, {"kind": "enat", "width": 64})
     with pytest.raises(CheckpointError, match="holds another model \\(differs in: width\\)"):
-        checkpoint.check_resumable(saved, 2, 2, {"kind": "enat", "width": 96})
+        checkpoint.check_resumable(saved, {"kind": "enat", "width": 96})
+    older = runs.open_checkpoint(fake_checkpoint(str(tmp_path), "r", 6, version=2))
+    with pytest.raises(CheckpointError, match="written by an older enat \\(checkpoint format 2"):
+        checkpoint.check_resumable(older, {"kind": "enat", "width": 64})
 
 
-def test_marker_names_outside_the_folder_are_refused():
-    files = ["deepspeed/mp_rank_00_model_states.pt", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-             "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt", "ema/model.safetensors"]
-    good = runs.Checkpoint("s3://b/runs/r/checkpoints/step-4", 4, {"files": files})
-    assert checkpoint.engine_files(good, 1) == [files[0], files[2]]
-    for evil in ("deepspeed/../../../home/user/.bashrc", "deepspeed/..\\..\\x"):
-        bad = runs.Checkpoint(good.url, 4, {"files": [*files, evil]})
-        with pytest.raises(CheckpointError, match="a path outside the checkpoint folder"):
-            checkpoint.engine_files(bad, 0)
+def test_the_global_batch_is_kept_on_any_world_size_by_grad_accum():
+    config = TrainConfig(batch_size=6, grad_accum=1)
+    assert batch_plan(config, world=2, saved_global_batch=None) == (12, 1)  # a new run
+    assert batch_plan(config, world=1, saved_global_batch=12) == (12, 2)  # resumed on fewer workers
+    assert batch_plan(config, world=2, saved_global_batch=24) == (24, 2)
+    with pytest.raises(BatchDoesNotSplit, match="global batch of 12 samples does not split into "
+                                                "micro-batches of batch_size=6 on 4 workers"):
+        batch_plan(config, world=4, saved_global_batch=12)
+    changed = TrainConfig(batch_size=6, global_batch=24)  # the user changes it on purpose
+    assert batch_plan(changed, world=4, saved_global_batch=12) == (24, 1)
+    assert batch_plan(TrainConfig(batch_size=6, grad_accum=3), world=2, saved_global_batch=None) == (36, 3)
 
 
 def test_run_urls_name_the_run_and_step():

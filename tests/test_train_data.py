@@ -1,9 +1,9 @@
-"""Training data: manifest checks, the per-rank/per-reader split, shuffling, mirrored copies,
-resumable positions, and skipping corrupt shards (local folders and the SeaweedFS fixture)."""
+"""Training data: manifest checks, one global sample order whatever the world size or reader
+count, exact resumption on another number of workers, mirrored copies, and replacing the
+samples of corrupt shards (local folders and the SeaweedFS fixture)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import numpy as np
@@ -12,16 +12,8 @@ import pytest
 from enat.models.config import ENATConfig
 from enat.pipelines import storage
 from enat.pipelines.shards import ManifestMismatch, read_manifest, write_manifest
-from enat.trainer.data import (
-    DataConfig,
-    MissingShards,
-    Reader,
-    ReaderPosition,
-    StreamPosition,
-    TokenStream,
-    open_dataset,
-)
-from enat.trainer.synthetic import SyntheticSpec, write_synthetic_shards
+from enat.trainer.data import DataConfig, MissingShards, TokenStream, open_dataset
+from enat.trainer.synthetic import SyntheticSpec, make_samples, write_synthetic_shards
 
 MODEL = ENATConfig(codebook_size=64, grid_size=4, width=32, heads=2, encoder_depth=1, decoder_depth=1,
                    num_classes=5)
@@ -45,54 +37,67 @@ def keys_of(stream: TokenStream, batches: int) -> list[str]:
 
 
 def original_grids(spec: SyntheticSpec) -> tuple[set[bytes], set[bytes]]:
-    from enat.trainer.synthetic import make_samples
-
     samples = make_samples(spec)
     plain = {s.tokens.astype(np.uint16).reshape(-1).tobytes() for s in samples}
     flipped = {s.flip_tokens.astype(np.uint16).reshape(-1).tobytes() for s in samples}
     return plain, flipped
 
 
-@pytest.mark.parametrize("per_shard", [16, 48])  # 6 shards (split by shard), 2 shards (by sample)
-def test_ranks_and_readers_split_each_epoch_without_overlap(tmp_path, per_shard):
+def global_batches(dataset, config, world: int, steps: int, start: int = 0, batch_size: int = 2,
+                   global_batch: int = 8) -> list[bytes]:
+    """The first `steps` global batches as W ranks take them, put back together in rank order."""
+    accum = global_batch // (batch_size * world)
+    streams = [TokenStream(dataset, config, batch_size, seed=3, rank=r, world_size=world, grad_accum=accum,
+                           start=start) for r in range(world)]
+    out = []
+    for _ in range(steps):
+        for stream in streams:
+            out += keys_of(stream, accum)
+    assert all(s.position() == start + steps * global_batch for s in streams)
+    for stream in streams:
+        stream.close()
+    return out
+
+
+@pytest.mark.parametrize("per_shard", [16, 48])  # 6 shards, 2 shards
+def test_the_global_batch_sequence_is_the_same_for_any_world_size_and_reader_count(tmp_path, per_shard):
     url = str(tmp_path / "data")
     write_synthetic_shards(url, replace(SPEC, per_shard=per_shard))
-    config = DataConfig(url=url, readers=2, shuffle_buffer=8)
+    config = DataConfig(url=url, readers=2, shuffle_window=20, prefetch=6)
     dataset = open_dataset(config, MODEL)
-    epochs: dict[int, list[str]] = {0: [], 1: []}
-    for slot in range(4):  # 2 ranks x 2 readers
-        for sample, position in Reader(dataset, config, seed=3, slot=slot, slots=4, start=ReaderPosition()):
-            if position.epoch > 1:
-                break
-            epochs[position.epoch].append(sample.key)
-    expected = sorted(f"{i:08d}" for i in range(96))
-    assert sorted(epochs[0]) == expected and sorted(epochs[1]) == expected
-    assert epochs[0] != epochs[1]  # a new order every epoch
+    steps = 40  # 320 samples: three epochs and a third
+    reference = global_batches(dataset, config, world=1, steps=steps)
+    for world, readers in ((2, 1), (4, 3), (1, 4)):
+        assert global_batches(dataset, replace(config, readers=readers), world, steps) == reference
+
+    # Every epoch holds every sample once (in its plain or mirrored form), in a new order.
+    index = {}
+    for number, sample in enumerate(make_samples(SPEC)):
+        index[sample.tokens.astype(np.uint16).tobytes()] = number
+        index[sample.flip_tokens.astype(np.uint16).tobytes()] = number
+    assert len(set(index.values())) == 96 and len(index) >= 190  # grids identify their sample
+    epochs = [[index[key] for key in reference[96 * e: 96 * (e + 1)]] for e in range(3)]
+    for order in epochs:
+        assert sorted(order) == list(range(96))
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert config.shuffle_window < 96 and max(epochs[0][:20]) < 96  # windowed, still a permutation
 
 
-def test_stream_is_deterministic_and_resumes_exactly(shards):
-    config = DataConfig(url=shards, readers=2, shuffle_buffer=10)
+def test_a_resumed_stream_continues_on_another_world_size_exactly(shards):
+    config = DataConfig(url=shards, readers=2, shuffle_window=10)
     dataset = open_dataset(config, MODEL)
-    straight = TokenStream(dataset, config, batch_size=5, seed=7, rank=1, world_size=2)
-    first = keys_of(straight, 7)
-    saved = StreamPosition.from_dict(json.loads(json.dumps(straight.position().to_dict())))
-    rest = keys_of(straight, 20)  # crosses into the next epoch
-    straight.close()
-    assert {p.epoch for p in straight.position().positions} != {0}
-
-    again = TokenStream(dataset, config, batch_size=5, seed=7, rank=1, world_size=2)
-    assert keys_of(again, 7) == first
-    again.close()
-    resumed = TokenStream(dataset, config, batch_size=5, seed=7, rank=1, world_size=2, resume=saved)
-    assert keys_of(resumed, 20) == rest
-    resumed.close()
-    other_seed = TokenStream(dataset, config, batch_size=5, seed=8, rank=1, world_size=2)
-    assert keys_of(other_seed, 7) != first
+    straight = global_batches(dataset, config, world=2, steps=30)
+    for stop, world in ((5, 1), (11, 4), (17, 2)):  # mid-epoch (epochs are 12 steps)
+        before = global_batches(dataset, config, world=2, steps=stop)
+        after = global_batches(dataset, config, world=world, steps=30 - stop, start=stop * 8)
+        assert before + after == straight  # nothing repeated, nothing skipped
+    other_seed = TokenStream(dataset, config, batch_size=8, seed=4, rank=0, world_size=1)
+    assert keys_of(other_seed, 3) != straight[:24]
     other_seed.close()
 
 
 def test_mirrored_copy_is_picked_at_random_and_labels_pass_through(shards):
-    config = DataConfig(url=shards, readers=1, shuffle_buffer=4, flip_prob=0.5)
+    config = DataConfig(url=shards, readers=1, shuffle_window=4, flip_prob=0.5)
     stream = TokenStream(open_dataset(config, MODEL), config, batch_size=48, seed=0, rank=0, world_size=1)
     batch = next(stream)
     stream.close()
@@ -144,7 +149,7 @@ def test_missing_shards_are_a_clear_error(shards):
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_corrupt_shards_and_samples_are_skipped_and_counted(where, tmp_path, s3_bucket, capsys):
+def test_samples_of_corrupt_shards_are_replaced_and_counted(where, tmp_path, s3_bucket, capsys):
     url = storage.join(s3_bucket, "data") if where == "s3" else str(tmp_path / "data")
     write_synthetic_shards(url, SPEC)
     # Shard 1: bytes flipped in place (sha256 no longer matches the manifest).
@@ -162,20 +167,20 @@ def test_corrupt_shards_and_samples_are_skipped_and_counted(where, tmp_path, s3_
     manifest.splits["train"][2]["sha256"] = hashlib.sha256(short).hexdigest()
     write_manifest(url, manifest)
 
-    config = DataConfig(url=url, readers=2, shuffle_buffer=4)
+    config = DataConfig(url=url, readers=2, shuffle_window=4)
     stream = TokenStream(open_dataset(config, MODEL), config, batch_size=16, seed=0, rank=0, world_size=1)
-    for _ in range(12):  # two epochs of the readable samples
+    for _ in range(12):  # two epochs
         batch = next(stream)
         assert batch.ids.shape == (16, 16)
     stats = stream.stats()
     stream.close()
     assert stats.corrupt_shards >= 2
     err = capsys.readouterr().err
-    assert "shard-000001.tar does not match its manifest sha256, skipped" in err
-    assert "shard-000002.tar is unreadable" in err
+    assert "shard-000001.tar does not match its manifest sha256, its samples are replaced" in err
+    assert "shard-000002.tar is unreadable after" in err
 
 
-def test_corrupt_sample_is_skipped(tmp_path, capsys):
+def test_a_corrupt_sample_is_replaced(tmp_path, capsys):
     from enat.pipelines.shards import TokenSample, write_shard
 
     url = str(tmp_path / "data")
@@ -184,7 +189,7 @@ def test_corrupt_sample_is_skipped(tmp_path, capsys):
     entry = write_shard(storage.join(url, "train", "shard-000002.tar"), [wrong])
     manifest.splits["train"].append(entry)
     write_manifest(url, manifest)
-    config = DataConfig(url=url, readers=1, shuffle_buffer=1)
+    config = DataConfig(url=url, readers=1, shuffle_window=1)
     stream = TokenStream(open_dataset(config, MODEL), config, batch_size=40, seed=0, rank=0, world_size=1)
     assert next(stream).ids.max() < 64
     assert stream.stats().corrupt_samples >= 1
@@ -203,7 +208,7 @@ def test_a_store_unreachable_past_the_retry_window_stops_the_stream_with_its_own
     def unreachable(url: str) -> bytes:
         raise storage.StorageUnreachable(line)
 
-    config = DataConfig(url=shards, readers=2, shuffle_buffer=4)
+    config = DataConfig(url=shards, readers=2, shuffle_window=4)
     dataset = open_dataset(config, MODEL)
     monkeypatch.setattr(data.storage, "read_bytes", unreachable)  # the outage begins
     stream = TokenStream(dataset, config, batch_size=4, seed=0, rank=0, world_size=1)

@@ -1,7 +1,9 @@
-"""The training loop on real DeepSpeed over gloo: two torchrun processes (ZeRO-0 and ZeRO-3;
-a ZeRO-3 run stopped and resumed through `enat train` under torchrun) and one plain process
-(the NAT baseline, resume from another run's checkpoint, an unreachable MLflow, a corrupt
-shard). Every run is fp32 on CPU, so a resumed run must repeat the uninterrupted one exactly."""
+"""The training loop on real DeepSpeed over gloo: two torchrun processes (ZeRO-0, ZeRO-2 and
+ZeRO-3 runs; an elastic run trained on 2 workers at ZeRO-2, resumed on 1 worker at ZeRO-1
+with grad_accum 2, then on 2 workers at ZeRO-3 through `enat train` under torchrun) and one
+plain process (the NAT baseline, resume from another run's checkpoint, an unreachable MLflow,
+a corrupt shard). Every run is fp32 on CPU, so a resumed run must repeat the uninterrupted
+one (up to the order of reductions when the world size changes)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ ENAT = {"kind": "enat", "codebook_size": 64, "grid_size": 4, "width": 32, "heads
         "decoder_depth": 1, "num_classes": 5}
 NAT = {"kind": "nat", "codebook_size": 64, "grid_size": 4, "width": 32, "heads": 2, "depth": 2,
        "num_classes": 5}
-STEPS, STOP = 16, 7
+STEPS, STOP, SECOND_STOP = 16, 7, 11
 
 # Runs the loop in each process of a launcher (torchrun, or a plain python process):
 # argv = preset, output folder, then runs as "name|until_step|override,override,...".
@@ -50,7 +52,7 @@ def write_preset(tmp_path: Path, model: dict, **values) -> Path:
     config = {"root": str(tmp_path / "root"), "model": model, "seed": 1, "steps": STEPS,
               "batch_size": 6, "lr": 2e-3, "warmup_steps": 2, "precision": "fp32", "ema_decay": 0.9,
               "log_every": 1, "checkpoint_every": STOP, "keep_last": 3, "mlflow_experiment": "tests",
-              "data": {"url": str(tmp_path / "data"), "readers": 2, "shuffle_buffer": 16},
+              "data": {"url": str(tmp_path / "data"), "readers": 2, "shuffle_window": 16},
               **values}
     path = tmp_path / "preset.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -72,22 +74,27 @@ def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return result
 
 
-def loss_history(tmp_path: Path, run_name: str) -> dict[int, float]:
+def loss_history(tmp_path: Path, run_name: str, metric: str = "loss") -> dict[int, float]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tests")
     mlflow_runs = client.search_runs([experiment.experiment_id], f"tags.`mlflow.runName` = '{run_name}'")
     assert len(mlflow_runs) == 1, f"expected one MLflow run named {run_name}, found {len(mlflow_runs)}"
-    history = client.get_metric_history(mlflow_runs[0].info.run_id, "loss")
+    history = client.get_metric_history(mlflow_runs[0].info.run_id, metric)
     assert len(history) == len({m.step for m in history})  # each step logged once
     return {m.step: m.value for m in history}
 
 
+def world_sizes(tmp_path: Path, run_name: str) -> dict[int, float]:
+    return loss_history(tmp_path, run_name, "world_size")
+
+
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
-    """ZeRO-0 and ZeRO-3 runs, and a ZeRO-3 run stopped at STOP then resumed by
-    `enat train` under torchrun in fresh processes."""
+    """ZeRO-0, ZeRO-2 and ZeRO-3 runs on 2 workers, and the elastic run: 2 workers at ZeRO-2
+    to STOP, 1 worker at ZeRO-1 to SECOND_STOP, then 2 workers at ZeRO-3 through `enat train`
+    under torchrun, each part in fresh processes."""
     tmp_path = tmp_path_factory.mktemp("two-process")
     write_synthetic_shards(str(tmp_path / "data"), SyntheticSpec(grid=4, codebook_size=64, num_classes=5,
                                                                   samples=160, per_shard=16))
@@ -96,28 +103,39 @@ def two_process_runs(tmp_path_factory):
     (tmp_path / "out").mkdir()
     env = environment(tmp_path)
     run(torchrun(str(tmp_path / "runner.py"), str(preset), str(tmp_path / "out"), "z0|0|zero_stage=0",
-                 "z3|0|zero_stage=3", f"z3r|{STOP}|zero_stage=3"), env)
-    resumed = run(torchrun("-m", "enat.cluster.cli", "train", "--config", str(preset), "run=z3r",
+                 "z2|0|zero_stage=2", "z3|0|zero_stage=3", f"elastic|{STOP}|zero_stage=2"), env)
+    one = run([sys.executable, str(tmp_path / "runner.py"), str(preset), str(tmp_path / "out"),
+               f"elastic|{SECOND_STOP}|zero_stage=1"], {**env, "RANK": "0"})
+    resumed = run(torchrun("-m", "enat.cluster.cli", "train", "--config", str(preset), "run=elastic",
                            "zero_stage=3"), env)
-    return tmp_path, resumed
+    return tmp_path, one, resumed
 
 
 @pytest.mark.slow
-def test_resumed_run_repeats_the_uninterrupted_losses_exactly(two_process_runs):
-    tmp_path, resumed = two_process_runs
-    assert f"resumed from {runs.step_url(str(tmp_path / 'root'), 'z3r', STOP)}" in resumed.stdout
-    straight, stopped_and_resumed = loss_history(tmp_path, "z3"), loss_history(tmp_path, "z3r")
-    assert sorted(straight) == list(range(1, STEPS + 1))
-    assert stopped_and_resumed == straight  # steps 1..STOP before the stop, STOP+1.. after it
-    for rank in (0, 1):  # rank-local losses (each rank's own data) before the stop agree too
-        before = json.loads((tmp_path / "out" / f"z3r-{STOP}-rank{rank}.json").read_text())["losses"]
-        full = json.loads((tmp_path / "out" / f"z3-{STEPS}-rank{rank}.json").read_text())["losses"]
-        assert before == {k: v for k, v in full.items() if int(k) <= STOP}
+def test_a_run_resumed_on_other_world_sizes_and_zero_stages_repeats_the_uninterrupted_run(two_process_runs):
+    tmp_path, one, resumed = two_process_runs
+    root = str(tmp_path / "root")
+    first_stop = runs.step_url(root, "elastic", STOP)
+    assert f"resumed from {first_stop} (step {STOP}, written by 2 workers at ZeRO-2)" in one.stdout
+    assert "global batch 12 (was 12) on 1 workers: grad_accum 2 x batch_size 6 per worker" in one.stdout
+    assert f"resumed from {runs.step_url(root, 'elastic', SECOND_STOP)} (step {SECOND_STOP}, written by 1 " \
+           f"workers at ZeRO-1)" in resumed.stdout
+    straight, elastic = loss_history(tmp_path, "z2"), loss_history(tmp_path, "elastic")
+    assert sorted(straight) == sorted(elastic) == list(range(1, STEPS + 1))  # each step logged once
+    for step, loss in straight.items():
+        assert elastic[step] == pytest.approx(loss, rel=1e-5), step
+    sizes = world_sizes(tmp_path, "elastic")
+    assert sizes == {s: 2.0 if s <= STOP or s > SECOND_STOP else 1.0 for s in range(1, STEPS + 1)}
+
+    final = {name: load_model(runs.latest(root, name).ema_url).model.state_dict()
+             for name in ("z2", "elastic")}
+    gap = max(float((final["z2"][k] - final["elastic"][k]).abs().max()) for k in final["z2"])
+    assert gap < 1e-5, f"the elastic run's EMA differs from the uninterrupted one's by {gap}"
 
 
 @pytest.mark.slow
 def test_zero3_ema_equals_zero0_ema_and_exports_load_without_deepspeed(two_process_runs):
-    tmp_path, _ = two_process_runs
+    tmp_path, *_ = two_process_runs
     root = str(tmp_path / "root")
     emas = {}
     for name in ("z0", "z3"):
@@ -136,24 +154,27 @@ def test_zero3_ema_equals_zero0_ema_and_exports_load_without_deepspeed(two_proce
 
 @pytest.mark.slow
 def test_checkpoint_folder_layout_and_mlflow_record(two_process_runs):
-    tmp_path, _ = two_process_runs
+    tmp_path, *_ = two_process_runs
     root = str(tmp_path / "root")
-    complete, partial = runs.scan(root, "z3r")
-    assert [c.step for c in complete] == [STOP, 2 * STOP, STEPS] and partial == []
+    complete, partial = runs.scan(root, "elastic")
+    assert [c.step for c in complete] == [SECOND_STOP, 2 * STOP, STEPS] and partial == []  # keep_last=3
     files = set(complete[-1].meta["files"])
-    assert {"data/rank-00000.json", "data/rank-00001.json", "ema/model.safetensors", "ema/config.json",
-            "train_config.json", "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
-            "deepspeed/zero_pp_rank_1_mp_rank_00_model_states.pt"} <= files
+    assert files == {"ema/model.safetensors", "ema/config.json", "train_config.json",
+                     "state/model.safetensors", "state/optimizer.safetensors"}
+    meta = complete[-1].meta
+    assert meta["data"] == {"samples": STEPS * 12, "global_batch": 12, "epoch_size": 160}
+    assert (meta["adam_step"], meta["world_size"], meta["zero_stage"]) == (STEPS, 2, 3)
     for name in files:
         assert storage.exists(storage.join(complete[-1].url, name))
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     found = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
-                               "tags.`mlflow.runName` = 'z3r'")[0]
+                               "tags.`mlflow.runName` = 'elastic'")[0]
     assert found.data.tags["checkpoint.latest"] == complete[-1].url
-    assert found.data.params["zero_stage"] == "3" and found.data.params["model.width"] == "32"
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_s"} <= set(found.data.metrics)
+    assert found.data.params["zero_stage"] == "2" and found.data.params["model.width"] == "32"  # the first start's
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_s", "world_size",
+            "grad_accum"} <= set(found.data.metrics)
     assert found.info.status == "FINISHED"
 
 
@@ -174,7 +195,7 @@ def test_nat_baseline_resume_from_url_and_unreachable_mlflow(tmp_path):
                   "nat|0|", f"nat2|0|{fork}"], env)
     assert "warning: MLflow unreachable" in result.stderr
     assert "MLflow did not take 1 run" in result.stderr and "(metrics of steps 1-12)" in result.stderr
-    assert "shard-000002.tar does not match its manifest sha256, skipped" in result.stderr
+    assert "shard-000002.tar does not match its manifest sha256, its samples are replaced" in result.stderr
     assert [c.step for c in runs.scan(root, "nat")[0]] == [8, 12]  # keep_last=2
     first = json.loads((tmp_path / "nat-12-rank0.json").read_text())
     fork_result = json.loads((tmp_path / "nat2-10-rank0.json").read_text())
@@ -260,12 +281,12 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     straight = json.loads((tmp_path / "whole-12-rank0.json").read_text())["losses"]
 
     step8 = Path(runs.step_url(root, "cut", 8))
-    states = next(step8.glob("deepspeed/**/mp_rank_00_model_states.pt"))
+    states = step8 / "state" / "optimizer.safetensors"
     data = bytearray(states.read_bytes())
     data[len(data) // 2] ^= 0xFF
     states.write_bytes(bytes(data))
     resumed = run([*runner, "cut|10|"], env)
-    assert f"{step8.as_posix()} is damaged: deepspeed/" in resumed.stderr
+    assert f"{step8.as_posix()} is damaged: state/optimizer.safetensors" in resumed.stderr
     assert "does not match its sha256; resuming from the previous checkpoint" in resumed.stderr
     result = json.loads((tmp_path / "cut-10-rank0.json").read_text())
     assert result["resumed_from"] == runs.step_url(root, "cut", 4)
@@ -278,17 +299,17 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert result["resumed_from"] == runs.step_url(root, "cut", 8)  # saved again after step 4
     assert result["losses"] == {k: straight[k] for k in map(str, range(9, 13))}
 
-    # Someone who can write the bucket swaps an engine file for a pickle that calls a
-    # function, and updates the marker's sha256 to match: it is refused, never unpickled.
+    # Someone who can write the bucket swaps a state file for a pickle that calls a function,
+    # and updates the marker's sha256 to match: it is refused, never unpickled.
     ran = tmp_path / "payload-ran"
     step12 = Path(runs.step_url(root, "cut", 12))
-    states = next(step12.glob("deepspeed/**/mp_rank_00_model_states.pt"))
+    states = step12 / "state" / "model.safetensors"
     torch.save({"module": Payload(f"touch {ran}")}, states)
     marker = json.loads((step12 / runs.MARKER).read_text())
     marker["sha256"][states.relative_to(step12).as_posix()] = hashlib.sha256(states.read_bytes()).hexdigest()
     (step12 / runs.MARKER).write_text(json.dumps(marker))
     resumed = run([*runner, "cut|0|steps=13"], env)
-    assert "mp_rank_00_model_states.pt cannot be read as tensors and plain data" in resumed.stderr
+    assert "state/model.safetensors is not a safetensors file" in resumed.stderr
     assert not ran.exists()
     assert json.loads((tmp_path / "cut-13-rank0.json").read_text())["resumed_from"] == \
         runs.step_url(root, "cut", 8)  # 10 lost its EMA weights above
@@ -302,25 +323,26 @@ class Payload:
         return os.system, (self.command,)
 
 
-def test_enat_ranks_share_mask_counts_but_draw_their_own_positions():
-    """Every rank builds ENAT's graph from the same counts (ZeRO needs one graph), while
-    each rank masks its own positions: a 2-rank batch holds as many masking patterns as a
-    one-process batch of the same size. NAT draws everything per rank."""
+def test_enat_micro_batches_share_mask_counts_but_draw_their_own_positions():
+    """Every micro-batch of a step (on any rank) builds ENAT's graph from the same counts
+    (ZeRO needs one graph), while each masks its own positions: a 2-rank batch holds as many
+    masking patterns as a one-process batch of the same size. NAT draws everything per
+    micro-batch."""
     from enat.models.config import MaskingConfig
     from enat.models.masking import mask_tokens, previous_step_input
     from enat.trainer.loop import masking_generators
 
     ids = torch.randint(0, 64, (8, 64))
     masks, remasks = [], []
-    for rank in (0, 1):
-        counts, positions = masking_generators(0, step=3, micro=0, rank=rank, enat=True)
+    for micro_batch in (0, 1):
+        counts, positions = masking_generators(0, step=3, micro_batch=micro_batch, enat=True)
         masked, mask = mask_tokens(ids, 64, MaskingConfig(), counts, True, positions)
         remasks.append(previous_step_input(masked, mask, 64, counts, positions) == 64)
         masks.append(mask)
     assert torch.equal(masks[0].sum(1), masks[1].sum(1))  # same counts: the same graph
     assert torch.equal(remasks[0].sum(1), remasks[1].sum(1))
     assert not torch.equal(masks[0], masks[1])  # different positions
-    nat = [masking_generators(0, 3, 0, rank, enat=False) for rank in (0, 1)]
+    nat = [masking_generators(0, 3, micro_batch, enat=False) for micro_batch in (0, 1)]
     assert all(positions is None for _, positions in nat)
     ratios = [mask_tokens(ids, 64, MaskingConfig(), counts, False)[1].sum(1) for counts, _ in nat]
     assert not torch.equal(*ratios)

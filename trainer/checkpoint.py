@@ -1,16 +1,21 @@
-"""Checkpoints on storage: published atomically, pruned to the last few, restored.
+"""Checkpoints on storage: published atomically, pruned to the last few, restored on any
+number of workers at any ZeRO stage.
 
 Where a checkpoint's files live, and how readers find complete checkpoints, is
 pipelines/runs.py's. A checkpoint exists once its marker does, so this module writes every
-file first and the marker last (rank 0, once every rank has uploaded). A crash mid-save
-leaves a folder without a marker, which no reader uses and the next start deletes. Pruning
-removes a checkpoint's marker before its files, so a complete-looking folder never lacks a
-file.
+file first and the marker last. A crash mid-save leaves a folder without a marker, which no
+reader uses and the next start deletes. Pruning removes a checkpoint's marker before its
+files, so a complete-looking folder never lacks a file.
 
-DeepSpeed saves to a local directory: each rank saves into its own temporary directory and
-uploads what it wrote; on resume each rank downloads the shared files plus its own. Every
-upload and download waits out an outage of the store (pipelines/s3_retry.py); one that lasts
-past the retry window leaves an unmarked folder, which the rerun deletes before resuming.
+The training state is stored as whole tensors by parameter name (trainer/train_state.py
+gathers them from DeepSpeed's partitions): fp32 weights and AdamW moments in safetensors,
+the step, optimizer step and data position (global samples consumed, and the global batch)
+in the marker. So a run written by W workers at ZeRO-s continues on W' workers at ZeRO-s'.
+Rank 0 writes everything; on resume every rank reads the files, checks them against the
+sha256 the marker recorded, and keeps its own fragment. safetensors holds only tensors:
+nothing read back can run code. Every upload and download waits out an outage of the store
+(pipelines/s3_retry.py); one that lasts past the retry window leaves an unmarked folder,
+which the rerun deletes before resuming.
 """
 
 from __future__ import annotations
@@ -20,17 +25,24 @@ import json
 import posixpath
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+from torch import Tensor
 
 from enat.models.config import ModelConfig
 from enat.pipelines import model_io, runs, storage
 from enat.pipelines.runs import Checkpoint, CheckpointError
+from enat.trainer import train_state
 
-FORMAT_VERSION = 2  # 2: the marker records every file's sha256
+FORMAT_VERSION = 3  # 3: whole-tensor state any world size loads; 2: DeepSpeed's own files
+MODEL_NAME = f"{runs.STATE_DIR}/model.safetensors"
+OPTIMIZER_NAME = f"{runs.STATE_DIR}/optimizer.safetensors"
+EMA_NAME = f"{runs.EMA_DIR}/{model_io.WEIGHTS_NAME}"
 
 
 class CorruptCheckpoint(CheckpointError):
@@ -79,10 +91,6 @@ class _Folder:
         self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
         self.fs.pipe_file(target, data)
 
-    def get(self, name: str, local: Path) -> None:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        self.fs.get_file(f"{self.path}/{name}", str(local))
-
     def read(self, name: str) -> bytes | None:
         try:
             return self.fs.cat_file(f"{self.path}/{name}")
@@ -91,97 +99,50 @@ class _Folder:
 
 
 def save(url: str, step: int, engine: Any, ema_model: Any, ema_config: ModelConfig,
-         data_position: dict[str, Any], train_config: dict[str, Any], meta: dict[str, Any]) -> Checkpoint:
-    """Collective: every rank calls it. Returns the published checkpoint."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    folder = _Folder(url)
-    written: dict[str, str] = {}  # file name -> sha256 of what was uploaded
-    with tempfile.TemporaryDirectory(prefix=f"enat-ckpt-{rank}-") as tmp:
-        engine.save_checkpoint(tmp, tag=runs.DEEPSPEED_DIR, save_latest=False)
-        for path in sorted((Path(tmp) / runs.DEEPSPEED_DIR).rglob("*")):
-            if path.is_file():
-                name = path.relative_to(tmp).as_posix()
-                folder.put(path, name)
-                written[name] = _sha256_file(path)
-    small = {f"{runs.DATA_DIR}/rank-{rank:05d}.json": json.dumps(data_position).encode()}
+         train_config: dict[str, Any], meta: dict[str, Any]) -> Checkpoint:
+    """Collective: every rank calls it (the state is gathered from every rank's partition);
+    rank 0 writes the files and the marker. Returns the published checkpoint."""
+    rank = dist.get_rank()
+    weights = train_state.gather_weights(engine)
+    moments = train_state.gather(engine)
+    adam_step = train_state.adam_step(engine)
     if rank == 0:
-        weights = model_io.save_model(storage.join(url, runs.EMA_DIR), ema_model, ema_config,
-                                      extra={"step": step})
-        written[f"{runs.EMA_DIR}/{model_io.WEIGHTS_NAME}"] = weights  # save_model returns its sha256
+        folder, written = _Folder(url), {}
+        with tempfile.TemporaryDirectory(prefix="enat-ckpt-") as tmp:
+            for name, tensors in ((MODEL_NAME, weights), (OPTIMIZER_NAME, moments)):
+                local = Path(tmp) / posixpath.basename(name)
+                save_file(tensors, str(local))
+                folder.put(local, name)
+                written[name] = _sha256_file(local)
+        written[EMA_NAME] = model_io.save_model(storage.join(url, runs.EMA_DIR), ema_model, ema_config,
+                                                extra={"step": step})  # returns its sha256
         ema_config_name = f"{runs.EMA_DIR}/{model_io.CONFIG_NAME}"  # small: read back, hash what was stored
         written[ema_config_name] = hashlib.sha256(folder.read(ema_config_name)).hexdigest()
-        small[runs.TRAIN_CONFIG_NAME] = json.dumps(train_config, indent=1).encode()
-    for name, data in small.items():
-        folder.write(name, data)
-        written[name] = hashlib.sha256(data).hexdigest()
-    every: list[dict[str, str]] = [{} for _ in range(world)]
-    dist.all_gather_object(every, written)  # also the barrier: every rank has uploaded
-    digests = {name: digest for files in every for name, digest in files.items()}
-    info = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "time": time.time(),
-            "files": sorted(digests), "sha256": digests, **meta}
-    if rank == 0:
+        config_bytes = json.dumps(train_config, indent=1).encode()
+        folder.write(runs.TRAIN_CONFIG_NAME, config_bytes)
+        written[runs.TRAIN_CONFIG_NAME] = hashlib.sha256(config_bytes).hexdigest()
+        info = {"format_version": FORMAT_VERSION, "step": step, "adam_step": adam_step,
+                "world_size": dist.get_world_size(), "time": time.time(), "files": sorted(written),
+                "sha256": written, **meta}
         storage.write_bytes(storage.join(url, runs.MARKER), json.dumps(info, indent=1).encode())
-    dist.barrier()  # nobody moves on (or reports the checkpoint) before it is published
-    return Checkpoint(url, step, info)
+    info_list = [info if rank == 0 else None]
+    dist.broadcast_object_list(info_list, src=0)  # also the barrier: nobody moves on before it is published
+    return Checkpoint(url, step, info_list[0])
 
 
-def check_resumable(checkpoint: Checkpoint, world_size: int, zero_stage: int, model: dict[str, Any]) -> None:
+def check_resumable(checkpoint: Checkpoint, model: dict[str, Any]) -> None:
     """Fail with a clear message when this run cannot continue from `checkpoint`."""
     meta = checkpoint.meta
-    if (meta["world_size"], meta["zero_stage"]) != (world_size, zero_stage):
-        raise CheckpointError(
-            f"{checkpoint.url} was written by {meta['world_size']} workers with ZeRO-{meta['zero_stage']}; "
-            f"resume with the same (num_workers={meta['world_size']} zero_stage={meta['zero_stage']}) "
-            f"or start a new run")
+    if meta.get("format_version", 1) < FORMAT_VERSION:
+        raise CheckpointError(f"{checkpoint.url} was written by an older enat (checkpoint format "
+                              f"{meta.get('format_version', 1)}, DeepSpeed's own files; this one reads "
+                              f"format {FORMAT_VERSION}): start a new run, or resume it with the enat "
+                              f"that wrote it")
     saved = meta["model"]
     differ = sorted(k for k in set(saved) | set(model) if saved.get(k) != model.get(k))
     if differ:
         raise CheckpointError(f"{checkpoint.url} holds another model (differs in: {', '.join(differ)}); "
                               f"resume with its model config or start a new run")
-
-
-def engine_files(checkpoint: Checkpoint, rank: int) -> list[str]:
-    """The engine files rank `rank` downloads: the shared ones and its own ZeRO partition.
-    Names come from the marker, which anyone who can write the bucket can edit: one that
-    would land outside the download folder is refused."""
-    own = f"zero_pp_rank_{rank}_"
-    needed = [f for f in checkpoint.meta["files"] if f.startswith(f"{runs.DEEPSPEED_DIR}/")
-              and ("zero_pp_rank_" not in f or posixpath.basename(f).startswith(own))]
-    for name in needed:
-        if ".." in name.split("/") or "\\" in name:
-            raise CheckpointError(f"{checkpoint.url}: its marker lists '{name}', a path outside the "
-                                  f"checkpoint folder; enat never writes such names: delete that step "
-                                  f"folder to resume from the one before")
-    return needed
-
-
-# The non-tensor types DeepSpeed's engine files hold (found by loading its ZeRO 0-3
-# checkpoints with weights_only=True): plain data, no behaviour on unpickling.
-_ENGINE_FILE_TYPES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                      "deepspeed.runtime.zero.config.ZeroStageEnum",
-                      "deepspeed.utils.tensor_fragment.fragment_address")
-
-
-def _refuses_code(path: Path, name: str) -> str | None:
-    """DeepSpeed's load_checkpoint reads engine files with torch.load(weights_only=False),
-    which calls whatever a pickle names: anyone who can write the bucket could run code on
-    every rank. So each file must first load under torch's restricted unpickler (tensors,
-    plain containers and the types above); the same bytes are then safe to hand over."""
-    import importlib
-    import pickle
-
-    import torch
-
-    allowed = []
-    for dotted in _ENGINE_FILE_TYPES:
-        module, _, attribute = dotted.rpartition(".")
-        allowed.append(getattr(importlib.import_module(module), attribute))
-    try:
-        with torch.serialization.safe_globals(allowed):
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError) as err:
-        return f"{name} cannot be read as tensors and plain data ({str(err).splitlines()[0][:160]})"
-    return None
 
 
 def _sha256_file(path: Path) -> str:
@@ -200,39 +161,37 @@ def _check_intact(checkpoint: Checkpoint, problems: list[str]) -> None:
                                 + (f" and {len(found) - 5} more" if len(found) > 5 else ""))
 
 
-def load(checkpoint: Checkpoint, engine: Any, ema: Any) -> dict[str, Any] | None:
-    """Collective: restore the engine and EMA; returns this rank's data position (or None).
-    Every file is checked against the sha256 its marker recorded before anything is loaded:
-    a damaged checkpoint, or an engine file that would run code when unpickled, raises
-    CorruptCheckpoint on every rank and changes nothing."""
-    rank = dist.get_rank()
-    needed = engine_files(checkpoint, rank)
-    expected = checkpoint.meta.get("sha256", {})  # format-1 markers have none
-    folder, problems = _Folder(checkpoint.url), []
-    with tempfile.TemporaryDirectory(prefix=f"enat-resume-{rank}-") as tmp:
-        for name in needed:
-            try:
-                folder.get(name, Path(tmp) / name)
-            except FileNotFoundError:
-                problems.append(f"{name} is missing")
-                continue
-            if name in expected and _sha256_file(Path(tmp) / name) != expected[name]:
-                problems.append(f"{name} does not match its sha256")
-            elif refused := _refuses_code(Path(tmp) / name, name):
-                problems.append(refused)
-        small = {name: folder.read(name) for name in (f"{runs.EMA_DIR}/{model_io.WEIGHTS_NAME}",
-                                                       f"{runs.DATA_DIR}/rank-{rank:05d}.json")}
-        for name, data in small.items():
-            if data is None and name in expected:
-                problems.append(f"{name} is missing")
-            elif data is not None and name in expected and hashlib.sha256(data).hexdigest() != expected[name]:
-                problems.append(f"{name} does not match its sha256")
-        _check_intact(checkpoint, problems)
-        path, _ = engine.load_checkpoint(tmp, tag=runs.DEEPSPEED_DIR, load_module_strict=True,
-                                         load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load the engine state from {checkpoint.url}")
-    ema.load_state_dict(load_safetensors(small[f"{runs.EMA_DIR}/{model_io.WEIGHTS_NAME}"]))
-    data = small[f"{runs.DATA_DIR}/rank-{rank:05d}.json"]
-    return json.loads(data) if data is not None else None
+@dataclass
+class Restored:
+    """A checkpoint's state, whole tensors: load `weights` into the model before DeepSpeed
+    wraps it, then `train_state.restore(engine, moments, adam_step)`."""
 
+    step: int
+    adam_step: int
+    weights: dict[str, Tensor]
+    moments: dict[str, Tensor]
+    ema: dict[str, Tensor]
+    data: dict[str, Any]  # {"samples": global samples consumed, "global_batch": ...}
+
+
+def load(checkpoint: Checkpoint) -> Restored:
+    """Collective: read and check a checkpoint's state. Every file is checked against the
+    sha256 its marker recorded before anything is used: a damaged checkpoint raises
+    CorruptCheckpoint on every rank."""
+    expected = checkpoint.meta.get("sha256", {})
+    folder, problems, tensors = _Folder(checkpoint.url), [], {}
+    for name in (MODEL_NAME, OPTIMIZER_NAME, EMA_NAME):
+        data = folder.read(name)
+        if data is None:
+            problems.append(f"{name} is missing")
+        elif hashlib.sha256(data).hexdigest() != expected.get(name):
+            problems.append(f"{name} does not match its sha256")
+        else:
+            try:
+                tensors[name] = load_safetensors(data)
+            except Exception as err:  # noqa: BLE001 - any unreadable file is a damaged checkpoint
+                problems.append(f"{name} is not a safetensors file ({err.__class__.__name__})")
+    _check_intact(checkpoint, problems)
+    meta = checkpoint.meta
+    return Restored(checkpoint.step, meta["adam_step"], tensors[MODEL_NAME], tensors[OPTIMIZER_NAME],
+                    tensors[EMA_NAME], meta["data"])

@@ -23,15 +23,17 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 class DataConfig:
     url: str = ""  # the folder holding manifest.json (what `enat pretokenize` printed)
     split: str = "train"
-    shuffle_buffer: int = 1000  # samples per reader; 1 keeps the (shuffled) shard order
-    readers: int = 2  # reader threads per rank, each owning a slice of the shards
-    prefetch: int = 256  # samples each reader may read ahead
+    # Samples shuffled together after the shards are permuted (1 keeps the shard order). A
+    # rank holds about shuffle_window / samples-per-shard shards in memory.
+    shuffle_window: int = 10000
+    readers: int = 2  # threads per rank fetching shards
+    prefetch: int = 256  # samples per rank whose shards are fetched ahead
     flip_prob: float = 0.5  # probability of using the mirrored copy, when a sample has one
     tokenizer_id: str | None = None  # expected manifest tokenizer id (None: not checked)
     verify_sha256: bool = True  # skip shards whose bytes differ from the manifest's sha256
 
     def __post_init__(self) -> None:
-        check(self.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", self.shuffle_buffer)
+        check(self.shuffle_window >= 1, "data.shuffle_window", ">= 1", self.shuffle_window)
         check(self.readers >= 1, "data.readers", ">= 1", self.readers)
         check(self.prefetch >= 1, "data.prefetch", ">= 1", self.prefetch)
         check(0.0 <= self.flip_prob <= 1.0, "data.flip_prob", "in [0, 1]", self.flip_prob)
@@ -59,8 +61,12 @@ class TrainConfig:
     p_uncond: float | None = None  # CFG label drop; None keeps the model preset's cond_dropout
     seed: int = 0
     steps: int = 1000
-    batch_size: int = 32  # per worker and micro-step: global batch = batch_size * grad_accum * workers
-    grad_accum: int = 1
+    batch_size: int = 32  # per worker and micro-step
+    grad_accum: int = 1  # micro-steps per step at the first start (see global_batch)
+    # Samples per optimizer step. 0: batch_size * grad_accum * workers at the run's first
+    # start. A resumed run keeps its checkpoint's global batch on any number of workers by
+    # choosing grad_accum; setting this to another value changes it on purpose.
+    global_batch: int = 0
     lr: float = 4e-4
     schedule: Literal["constant", "cosine"] = "constant"  # after a linear warmup
     warmup_steps: int = 100
@@ -89,6 +95,8 @@ class TrainConfig:
         for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"):
             check(getattr(self, key) >= 1, key, ">= 1", getattr(self, key))
         check(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
+        check(self.global_batch >= 0, "global_batch", ">= 0 (0 = batch_size * grad_accum * workers)",
+              self.global_batch)
         check(self.lr > 0, "lr", "> 0", self.lr)
         check(all(0 <= b < 1 for b in self.betas), "betas", "two values in [0, 1)", self.betas)
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3", self.zero_stage)

@@ -1,27 +1,35 @@
-"""Training data: an endless, resumable stream of token batches read from a manifest's shards.
+"""Training data: one global, endless sample order over a manifest's shards, of which each
+rank reads its slice.
 
 Shards are WebDataset tars (pipelines/shards.py) on any fsspec URL (s3://, file://, a path),
 read whole through pipelines/storage (so each shard's sha256 is checked against the
 manifest before use) and split into samples by WebDataset's tar iterators.
 
-Why not torch's DataLoader: its worker processes hold the stream position in state we
-cannot save. Here every rank runs `readers` threads in its own process; reader `w` of rank
-`r` is "slot" r * readers + w and owns every (slots)-th shard of an epoch's shard order
-(or, with fewer shards than slots, reads all shards and keeps every (slots)-th sample).
-A slot's stream is a pure function of (seed, epoch, slot): shard order, shuffle buffer and
-mirrored-copy picks all come from generators seeded by those numbers. The rank takes
-samples from its readers round-robin, so its batches are deterministic too, and its
-position is just "how many samples each reader handed out in which epoch". A resumed run
-rebuilds each reader at its saved epoch and skips the samples it had handed out (this
-re-reads at most one epoch of that reader's shards), then continues the same stream.
-Threads are enough: reading is I/O and npy decoding is cheap.
+The order (`GlobalOrder`) is a function of the manifest's shard counts and the seed only:
+an epoch permutes the shards, lays their samples end to end and shuffles them within
+windows of `shuffle_window` samples (a block shuffle, as in mosaicml/streaming), and
+decides each sample's mirrored-copy pick by its place in the epoch. Sample t of the
+endless stream is place t % N of epoch t // N. Training consumes it in global batches of
+batch_size * grad_accum * world_size samples; global batch k is cut into micro-batches of
+batch_size, and rank r takes micro-batches r * grad_accum ... (r + 1) * grad_accum - 1. So
+a run's micro-batches, and its position (`samples` consumed, a multiple of the global
+batch), do not depend on the world size, the reader count or the ZeRO stage: any number
+of workers continues from a checkpoint with the same global batch (trainer/loop.py keeps it
+by changing grad_accum), and a resumed epoch repeats and skips nothing.
 
-Corrupt shards (sha256 mismatch, unreadable tar) and corrupt samples are skipped, counted
-and warned about; they never stop training. Shards missing at start are a clear error. An
-outage of the store is waited out by the storage layer, which retries each shard's read whole,
-so it changes neither the samples nor their order; a longer one ends training with one line.
-Labels are passed through unchanged: the classifier-free-guidance label drop happens once,
-in the training step (trainer/loop.py), not here.
+Reading is for I/O: every rank knows from the counts alone which shards its next samples
+live in, fetches them ahead on `readers` threads, and drops a shard once its last sample
+for this rank is taken. A window spans about shuffle_window / samples-per-shard shards, so
+that is what a rank holds in memory. Threads are enough: reading is I/O and npy decoding
+is cheap. Why not torch's DataLoader: its worker processes hold the position in state we
+cannot save.
+
+Corrupt shards (sha256 mismatch, unreadable tar), missing shards and corrupt samples are
+counted and warned about and never stop training: an unreadable sample is replaced by the
+first readable one of its micro-batch, so batches keep their size and place. A store
+outage is waited out by the storage layer; a longer one ends training with one line.
+Labels pass through unchanged: the classifier-free-guidance label drop happens in the
+training step (trainer/loop.py).
 """
 
 from __future__ import annotations
@@ -31,8 +39,10 @@ import io
 import queue
 import sys
 import threading
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,16 +69,14 @@ class MissingShards(MissingInput):
     """Shards listed in the manifest are not in storage."""
 
 
-
-
-
 @dataclass
 class Dataset:
-    """A manifest checked against the model, with its shard URLs and checksums."""
+    """A manifest checked against the model, with its shard URLs, sizes and checksums."""
 
     url: str
     manifest: Manifest
     shards: list[str]
+    counts: list[int]
     sha256: list[str | None]
     grid: tuple[int, int]
     codebook_size: int
@@ -96,8 +104,8 @@ def open_dataset(config: DataConfig, model: TransformerConfig) -> Dataset:
         raise ManifestMismatch(f"shards at {config.url} have {len(manifest.classes)} classes, "
                                f"the model only {model.num_classes} (set model.num_classes)")
     entries = manifest.splits.get(config.split)
-    if not entries:
-        raise ManifestMismatch(f"manifest at {config.url} has no shards in split '{config.split}' "
+    if not entries or not any(e["count"] for e in entries):
+        raise ManifestMismatch(f"manifest at {config.url} has no samples in split '{config.split}' "
                                f"(splits: {', '.join(manifest.splits) or 'none'})")
     urls = manifest.shard_urls(config.url, config.split)
     listed = storage.listdir(storage.join(config.url, config.split))
@@ -106,18 +114,37 @@ def open_dataset(config: DataConfig, model: TransformerConfig) -> Dataset:
     if missing:
         raise MissingShards(f"{len(missing)} of {len(entries)} shards listed in {config.url}/manifest.json "
                             f"are missing (first: {missing[0]}): re-run `enat pretokenize` for this data")
-    return Dataset(config.url, manifest, urls, [e.get("sha256") for e in entries],
-                   model.grid_shape, model.codebook_size, model.num_classes, model.text_conditioned)
+    return Dataset(config.url, manifest, urls, [int(e["count"]) for e in entries],
+                   [e.get("sha256") for e in entries], model.grid_shape, model.codebook_size,
+                   model.num_classes, model.text_conditioned)
 
 
 def _rng(*parts: int) -> np.random.Generator:
     return np.random.default_rng([int(p) for p in parts])
 
 
-@dataclass
-class ReaderPosition:
-    epoch: int = 0
-    offset: int = 0  # samples handed out in this epoch
+class GlobalOrder:
+    """Which sample comes at each place of each epoch, from the shard counts and seed alone."""
+
+    def __init__(self, counts: list[int], seed: int, window: int, flip_prob: float):
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])  # first sample id per shard
+        self.size = int(self.counts.sum())  # samples per epoch
+        self.seed, self.window, self.flip_prob = seed, window, flip_prob
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sample ids, mirrored-copy picks) of every place of `epoch`; a sample id is its
+        shard's first id plus its index in the shard."""
+        shards = _rng(self.seed, epoch).permutation(len(self.counts))
+        ids = np.concatenate([np.arange(self.starts[s], self.starts[s] + self.counts[s]) for s in shards])
+        # Sorting (window index + a uniform draw) permutes each window and keeps windows in order.
+        keys = np.arange(self.size) // self.window + _rng(self.seed, epoch, 1).random(self.size)
+        ids = ids[np.argsort(keys, kind="stable")]
+        flips = _rng(self.seed, epoch, 2).random(self.size) < self.flip_prob
+        return ids, flips
+
+    def shard_of(self, ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts, ids, side="right") - 1
 
 
 @dataclass
@@ -126,120 +153,6 @@ class DataStats:
     corrupt_shards: int = 0
     corrupt_samples: int = 0
     missing_shards: int = 0
-
-    def add(self, other: DataStats) -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-
-class Reader:
-    """One slot's endless stream of (sample, position after it)."""
-
-    def __init__(self, dataset: Dataset, config: DataConfig, seed: int, slot: int, slots: int,
-                 start: ReaderPosition):
-        self.dataset, self.config, self.seed = dataset, config, seed
-        self.slot, self.slots, self.start = slot, slots, start
-        self.stats = DataStats()
-
-    def _warn(self, message: str) -> None:
-        print(f"warning: data reader {self.slot}: {message}", file=sys.stderr, flush=True)
-
-    def _shard_bytes(self, index: int) -> bytes | None:
-        url, expected = self.dataset.shards[index], self.dataset.sha256[index]
-        try:
-            data = storage.read_bytes(url)
-        except FileNotFoundError:
-            self.stats.missing_shards += 1
-            self._warn(f"shard {url} disappeared, skipped ({self.stats.missing_shards} so far)")
-            return None
-        if self.config.verify_sha256 and expected and hashlib.sha256(data).hexdigest() != expected:
-            self.stats.corrupt_shards += 1
-            self._warn(f"shard {url} does not match its manifest sha256, skipped "
-                       f"({self.stats.corrupt_shards} corrupt shards so far)")
-            return None
-        return data
-
-    def _raw_samples(self, epoch: int) -> Iterator[dict[str, Any]]:
-        """This slot's raw sample dicts of `epoch`, in (shuffled) shard order."""
-        from webdataset.tariterators import group_by_keys, tar_file_expander
-
-        count = len(self.dataset.shards)
-        order = _rng(self.seed, epoch).permutation(count).tolist()
-        by_shard = count >= self.slots
-        mine = order[self.slot :: self.slots] if by_shard else order
-        seen = 0
-        for index in mine:
-            data = self._shard_bytes(index)
-            if data is None:
-                continue
-            source = [{"url": self.dataset.shards[index], "stream": io.BytesIO(data)}]
-            try:
-                for raw in group_by_keys(tar_file_expander(source)):
-                    seen += 1
-                    if by_shard or (seen - 1) % self.slots == self.slot:
-                        yield raw
-            except Exception as err:  # noqa: BLE001 - any unreadable tar is skipped, counted
-                self.stats.corrupt_shards += 1
-                self._warn(f"shard {self.dataset.shards[index]} is unreadable ({err.__class__.__name__}), "
-                           f"rest skipped ({self.stats.corrupt_shards} corrupt shards so far)")
-
-    def _decode(self, raw: dict[str, Any]) -> TokenSample | None:
-        try:
-            sample = decode_sample(raw)
-            for tokens in (sample.tokens, sample.flip_tokens):
-                if tokens is not None and (tuple(tokens.shape) != self.dataset.grid
-                                           or int(tokens.max()) >= self.dataset.codebook_size):
-                    raise ValueError(f"token grid {tokens.shape} / max id {tokens.max()}")
-            if self.dataset.text:
-                if sample.text is None:
-                    raise ValueError("no text embedding")
-            elif sample.label is None or not 0 <= sample.label < self.dataset.num_classes:
-                raise ValueError(f"label {sample.label}")
-            return sample
-        except Exception as err:  # noqa: BLE001
-            self.stats.corrupt_samples += 1
-            self._warn(f"sample {raw.get('__key__')} in {raw.get('__url__')} is corrupt ({err}), skipped "
-                       f"({self.stats.corrupt_samples} so far)")
-            return None
-
-    def _epoch(self, epoch: int) -> Iterator[TokenSample]:
-        rng = _rng(self.seed, epoch, self.slot, 1)
-        buffer: list[dict[str, Any]] = []
-
-        def take() -> dict[str, Any]:
-            index = int(rng.integers(len(buffer)))
-            buffer[index], buffer[-1] = buffer[-1], buffer[index]
-            return buffer.pop()
-
-        def emit(raw: dict[str, Any]) -> Iterator[TokenSample]:
-            flip = rng.random() < self.config.flip_prob  # drawn for every sample: a fixed stream
-            sample = self._decode(raw)
-            if sample is not None:
-                if flip and sample.flip_tokens is not None:
-                    sample.tokens = sample.flip_tokens
-                yield sample
-
-        for raw in self._raw_samples(epoch):
-            buffer.append(raw)
-            if len(buffer) >= self.config.shuffle_buffer:
-                yield from emit(take())
-        while buffer:
-            yield from emit(take())
-
-    def __iter__(self) -> Iterator[tuple[TokenSample, ReaderPosition]]:
-        epoch, skip = self.start.epoch, self.start.offset
-        while True:
-            handed = 0
-            for sample in self._epoch(epoch):
-                handed += 1
-                if handed <= skip:
-                    continue
-                self.stats.samples += 1
-                yield sample, ReaderPosition(epoch, handed)
-            if handed == 0:
-                raise RuntimeError(f"data reader {self.slot} found no readable samples in epoch {epoch} "
-                                   f"of {self.dataset.url}: check the shards (all corrupt or missing?)")
-            epoch, skip = epoch + 1, 0
 
 
 @dataclass
@@ -265,105 +178,190 @@ def collate(samples: list[TokenSample]) -> Batch:
     return Batch(ids, torch.tensor([s.label for s in samples], dtype=torch.long))
 
 
-@dataclass
-class StreamPosition:
-    """What a checkpoint stores per rank: enough to continue the exact same stream."""
-
-    world_size: int
-    readers: int
-    consumed: int = 0  # samples this rank has taken (the next comes from reader consumed % readers)
-    positions: list[ReaderPosition] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"world_size": self.world_size, "readers": self.readers, "consumed": self.consumed,
-                "positions": [[p.epoch, p.offset] for p in self.positions]}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StreamPosition:
-        return cls(data["world_size"], data["readers"], data["consumed"],
-                   [ReaderPosition(e, o) for e, o in data["positions"]])
-
-
 _DONE = object()
 
 
 class TokenStream:
-    """This rank's endless batches; `position()` describes what has been consumed so far."""
+    """This rank's micro-batches, in order, from global sample `start` (a global-batch
+    boundary); `position()` is the global samples consumed after the last whole step."""
 
-    def __init__(self, dataset: Dataset, config: DataConfig, batch_size: int, seed: int,
-                 rank: int, world_size: int, resume: StreamPosition | None = None):
-        self.batch_size = batch_size
-        readers = config.readers
-        if resume is not None and (resume.world_size, resume.readers) != (world_size, readers):
-            print(f"warning: the saved data position is for {resume.world_size} ranks x {resume.readers} "
-                  f"readers, this run has {world_size} x {readers}: starting a fresh epoch", file=sys.stderr)
-            epoch = max(p.epoch for p in resume.positions) + 1
-            resume = StreamPosition(world_size, readers, 0, [ReaderPosition(epoch, 0)] * readers)
-        self.state = resume or StreamPosition(world_size, readers, 0, [ReaderPosition()] * readers)
-        self.state.positions = list(self.state.positions)
-        slots = world_size * readers
-        if len(dataset.shards) < slots and rank == 0:
-            print(f"warning: {len(dataset.shards)} shards for {slots} readers: every reader reads all "
-                  f"shards and keeps every {slots}-th sample (write more shards to read less)",
-                  file=sys.stderr)
-        self.readers = [Reader(dataset, config, seed, rank * readers + w, slots, self.state.positions[w])
-                        for w in range(readers)]
-        self.queues: list[queue.Queue] = [queue.Queue(config.prefetch) for _ in range(readers)]
+    def __init__(self, dataset: Dataset, config: DataConfig, batch_size: int, seed: int, rank: int,
+                 world_size: int, grad_accum: int = 1, start: int = 0):
+        self.dataset, self.config = dataset, config
+        self.batch_size, self.grad_accum, self.rank = batch_size, grad_accum, rank
+        self.global_batch = batch_size * grad_accum * world_size
+        self.start, self.taken = start, 0  # micro-batches handed out
+        self.order = GlobalOrder(dataset.counts, seed, config.shuffle_window, config.flip_prob)
+        self._stats = DataStats()
+        self._last_readable: list[TokenSample] = []
+        self.ahead = max(1, config.prefetch // batch_size)  # micro-batches whose shards are fetched
+        self.queue: queue.Queue = queue.Queue(self.ahead)
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._fill, args=(r, q), daemon=True, name=f"reader-{i}")
-                        for i, (r, q) in enumerate(zip(self.readers, self.queues, strict=True))]
-        for thread in self.threads:
-            thread.start()
+        self.pool = ThreadPoolExecutor(config.readers, thread_name_prefix="shard-reader")
+        self.thread = threading.Thread(target=self._fill, daemon=True, name=f"data-rank-{rank}")
+        self.thread.start()
 
-    def _put(self, out: queue.Queue, item: Any) -> bool:
+    # -- reading (the filler thread and the shard readers) ------------------------------------
+
+    def _warn(self, message: str) -> None:
+        print(f"warning: data (rank {self.rank}): {message}", file=sys.stderr, flush=True)
+
+    def _read_shard(self, index: int) -> list[dict[str, Any]] | None:
+        """One shard's raw samples in order, or None when it is missing or corrupt."""
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        url, expected = self.dataset.shards[index], self.dataset.sha256[index]
+        try:
+            data = storage.read_bytes(url)
+        except FileNotFoundError:
+            self._stats.missing_shards += 1
+            self._warn(f"shard {url} disappeared, its samples are replaced "
+                       f"({self._stats.missing_shards} missing shards so far)")
+            return None
+        if self.config.verify_sha256 and expected and hashlib.sha256(data).hexdigest() != expected:
+            self._stats.corrupt_shards += 1
+            self._warn(f"shard {url} does not match its manifest sha256, its samples are replaced "
+                       f"({self._stats.corrupt_shards} corrupt shards so far)")
+            return None
+        raws: list[dict[str, Any]] = []
+        try:
+            raws.extend(group_by_keys(tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])))
+        except Exception as err:  # noqa: BLE001 - an unreadable tar's rest is replaced, counted
+            self._stats.corrupt_shards += 1
+            self._warn(f"shard {url} is unreadable after {len(raws)} samples ({err.__class__.__name__}), "
+                       f"the rest are replaced ({self._stats.corrupt_shards} corrupt shards so far)")
+        return raws
+
+    def _decode(self, raw: dict[str, Any] | None, flip: bool) -> TokenSample | None:
+        if raw is None:
+            return None
+        try:
+            sample = decode_sample(raw)
+            for tokens in (sample.tokens, sample.flip_tokens):
+                if tokens is not None and (tuple(tokens.shape) != self.dataset.grid
+                                           or int(tokens.max()) >= self.dataset.codebook_size):
+                    raise ValueError(f"token grid {tokens.shape} / max id {tokens.max()}")
+            if self.dataset.text:
+                if sample.text is None:
+                    raise ValueError("no text embedding")
+            elif sample.label is None or not 0 <= sample.label < self.dataset.num_classes:
+                raise ValueError(f"label {sample.label}")
+        except Exception as err:  # noqa: BLE001
+            self._stats.corrupt_samples += 1
+            self._warn(f"sample {raw.get('__key__')} in {raw.get('__url__')} is corrupt ({err}), replaced "
+                       f"({self._stats.corrupt_samples} so far)")
+            return None
+        if flip and sample.flip_tokens is not None:
+            sample.tokens = sample.flip_tokens
+        return sample
+
+    def _micro_batches(self) -> Iterator[np.ndarray]:
+        """Global places of this rank's micro-batches, in the order the loop takes them."""
+        first = self.rank * self.grad_accum * self.batch_size
+        lane = np.arange(self.batch_size)
+        base = self.start
+        while True:
+            for micro in range(self.grad_accum):
+                yield base + first + micro * self.batch_size + lane
+            base += self.global_batch
+
+    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(sample ids, picks, shard of each place, last place this rank needs of each shard)."""
+        ids, flips = self.order.epoch(epoch)
+        shard = self.order.shard_of(ids)
+        places = epoch * self.order.size + np.arange(self.order.size)
+        relative = places - self.start
+        micro = self.batch_size * self.grad_accum
+        mine = (relative >= 0) & ((relative % self.global_batch) // micro == self.rank)
+        last = np.full(len(self.order.counts), -1, dtype=np.int64)
+        np.maximum.at(last, shard[mine], np.flatnonzero(mine))
+        return ids, flips, shard, last
+
+    def _fill(self) -> None:
+        """Turn this rank's places into batches: fetch shards a few micro-batches ahead, drop
+        each after its last use."""
+        try:
+            size, plans = self.order.size, {}
+            loaded: dict[tuple[int, int], Future] = {}  # (epoch, shard) -> its raw samples
+
+            def plan(epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                if epoch not in plans:
+                    plans[epoch] = self._epoch_plan(epoch)
+                return plans[epoch]
+
+            upcoming: deque[np.ndarray] = deque()
+            batches = self._micro_batches()
+            while not self.stop.is_set():
+                while len(upcoming) < self.ahead:
+                    upcoming.append(next(batches))
+                    for place in upcoming[-1]:
+                        epoch, offset = divmod(int(place), size)
+                        key = (epoch, int(plan(epoch)[2][offset]))
+                        if key not in loaded:
+                            loaded[key] = self.pool.submit(self._read_shard, key[1])
+                samples = []
+                for place in upcoming.popleft():
+                    epoch, offset = divmod(int(place), size)
+                    ids, flips, shard_of, last = plan(epoch)
+                    shard = int(shard_of[offset])
+                    raws = loaded[(epoch, shard)].result()
+                    index = int(ids[offset] - self.order.starts[shard])
+                    raw = raws[index] if raws is not None and index < len(raws) else None
+                    samples.append(self._decode(raw, bool(flips[offset])))
+                    if offset == last[shard]:
+                        del loaded[(epoch, shard)]
+                for old in [e for e in plans if e < epoch]:
+                    del plans[old]
+                if not self._put(self._batch(samples)):
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises
+            self._put((_DONE, err))
+
+    def _batch(self, samples: list[TokenSample | None]) -> Batch:
+        """Unreadable samples take the place of the micro-batch's first readable one (or, when it
+        has none, of the last readable sample this rank saw)."""
+        readable = [s for s in samples if s is not None] or self._last_readable
+        if not readable:
+            raise RuntimeError(f"no readable sample in the first micro-batch of {self.dataset.url}: check "
+                               f"the shards (all corrupt or missing?), or re-run `enat pretokenize`")
+        self._last_readable = readable[-1:]
+        self._stats.samples += len(samples)
+        return collate([s if s is not None else readable[0] for s in samples])
+
+    def _put(self, item: Any) -> bool:
         """Block until `item` is queued or the stream is closed (then False)."""
         while not self.stop.is_set():
             try:
-                out.put(item, timeout=0.2)
+                self.queue.put(item, timeout=0.2)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def _fill(self, reader: Reader, out: queue.Queue) -> None:
-        try:
-            for item in reader:
-                if not self._put(out, item):
-                    return
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises
-            self._put(out, (_DONE, err))
-
-    def _next_sample(self) -> TokenSample:
-        which = self.state.consumed % len(self.readers)
-        sample, position = self.queues[which].get()
-        if sample is _DONE:
-            if isinstance(position, UserError):  # e.g. storage unreachable: its one line says it all
-                raise position
-            raise RuntimeError(f"data reader {which} failed: {position}") from position
-        self.state.positions[which] = position
-        self.state.consumed += 1
-        return sample
+    # -- the consumer side -----------------------------------------------------------------
 
     def __iter__(self) -> TokenStream:
         return self
 
     def __next__(self) -> Batch:
-        return collate([self._next_sample() for _ in range(self.batch_size)])
+        item = self.queue.get()
+        if isinstance(item, tuple) and item[0] is _DONE:
+            if isinstance(item[1], UserError):  # e.g. storage unreachable: its one line says it all
+                raise item[1]
+            raise RuntimeError(f"data reading failed: {item[1]}") from item[1]
+        self.taken += 1
+        return item
 
-    def position(self) -> StreamPosition:
-        return StreamPosition(self.state.world_size, self.state.readers, self.state.consumed,
-                              list(self.state.positions))
+    def position(self) -> int:
+        """Global samples consumed by every whole step so far: where a resumed run starts."""
+        return self.start + (self.taken // self.grad_accum) * self.global_batch
 
     def stats(self) -> DataStats:
-        total = DataStats()
-        for reader in self.readers:
-            total.add(reader.stats)
-        return total
+        return DataStats(**vars(self._stats))
 
     def close(self) -> None:
         self.stop.set()
-        for q in self.queues:  # unblock readers waiting on a full queue
-            while not q.empty():
-                q.get_nowait()
-        for thread in self.threads:
-            thread.join(timeout=5)
+        while not self.queue.empty():  # unblock the filler waiting on a full queue
+            self.queue.get_nowait()
+        self.thread.join(timeout=5)
+        self.pool.shutdown(wait=False, cancel_futures=True)

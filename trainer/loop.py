@@ -1,17 +1,21 @@
 """The training loop: one loop for every launcher (Ray Train, torchrun, a single process).
 
 `train(config)` joins the process group the launcher made (or makes a one-process group),
-wraps the model in a DeepSpeed engine (ZeRO stage 0-3 from the config, torch's AdamW so
-nothing is compiled at run time), resumes from the run's latest complete checkpoint, and
-trains: masked-token loss, ENAT's reuse branch (with probability reuse_prob the EMA model
-encodes a synthetic previous step and the model trains on top of its features) or plain
-NAT training, gradient accumulation and clipping, an EMA of the weights, metrics to stdout
-and MLflow (rank 0), checkpoints to storage every N steps.
+restores the run's latest complete checkpoint (written by any number of workers at any ZeRO
+stage), wraps the model in a DeepSpeed engine (ZeRO stage 0-3 from the config, torch's AdamW
+so nothing is compiled at run time), and trains: masked-token loss, ENAT's reuse branch
+(with probability reuse_prob the EMA model encodes a synthetic previous step and the model
+trains on top of its features) or plain NAT training, gradient accumulation and clipping,
+an EMA of the weights, metrics to stdout and MLflow (rank 0), checkpoints to storage every
+N steps.
 
-Determinism: a step's randomness (mask ratio and positions, the reuse coin, dropout, the
-classifier-free-guidance label drop) comes from seeds derived from (seed, step, micro-step)
-and, where ranks may differ, the rank; the data stream position is saved. So a resumed run
-repeats the uninterrupted run's losses exactly in fp32.
+Determinism: a step's global batch is fixed by the data order (trainer/data.py) and cut into
+micro-batches numbered across ranks (rank r, micro-step a: micro-batch r * grad_accum + a).
+A micro-batch's randomness (mask positions, dropout, the classifier-free-guidance label
+drop) comes from seeds derived from (seed, step, micro-batch number), ENAT's mask counts and
+reuse coin from (seed, step). So the losses do not depend on how many workers share the
+global batch: a run resumed on another number of workers, with grad_accum changed to keep
+the global batch, repeats the uninterrupted run's losses in fp32 (up to reduction order).
 
 The CFG label drop (p_uncond) is applied here, once, to the condition that both the model
 and the EMA reuse pass see; the model is built with cond_dropout 0 so it cannot drop a
@@ -27,7 +31,6 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -43,13 +46,14 @@ from enat.models.masking import mask_tokens, masked_token_loss, previous_step_in
 from enat.models.typed_config import to_dict
 from enat.pipelines import runs, storage
 from enat.pipelines.tracking import Tracker
-from enat.trainer import checkpoint
+from enat.trainer import checkpoint, train_state
 from enat.trainer.config import TrainConfig
-from enat.trainer.data import Batch, StreamPosition, TokenStream, open_dataset
+from enat.trainer.data import Batch, TokenStream, open_dataset
 from enat.trainer.distributed import import_deepspeed, init_distributed
 from enat.trainer.ema import EMA
 from enat.trainer.lr_schedule import lr_multiplier
 from enat.trainer.metrics import Meter, matmul_peak, train_flops_per_sample
+from enat.trainer.resume import find_start
 from enat.trainer.validation import validation_batch, validation_loss
 
 
@@ -67,17 +71,18 @@ def derived_seed(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def masking_generators(seed: int, step: int, micro: int, rank: int,
+def masking_generators(seed: int, step: int, micro_batch: int,
                        enat: bool) -> tuple[torch.Generator, torch.Generator | None]:
-    """(counts, positions) generators of a micro-step's masking. ENAT packs tokens densely
-    and ZeRO reduces gradients as they become ready, so all ranks must build one graph:
-    ENAT's counts (ratio, reuse share and coin) come from a shared generator. Positions are
-    per rank; shared ones cost the demo's default-8 FID 6.34 against 5.89. NAT draws all
-    per rank (positions None: from the counts generator)."""
-    counts = torch.Generator().manual_seed(derived_seed("mask", seed, step, micro, None if enat else rank))
+    """(counts, positions) generators of micro-batch `micro_batch` of a step. ENAT packs
+    tokens densely and ZeRO reduces gradients as they become ready, so all ranks must build
+    one graph: ENAT's counts (ratio, reuse share and coin) come from a generator shared by
+    the whole step, whatever the number of ranks. Positions are per micro-batch; shared ones
+    cost the demo's default-8 FID 6.34 against 5.89. NAT draws all per micro-batch
+    (positions None: from the counts generator)."""
+    counts = torch.Generator().manual_seed(derived_seed("mask", seed, step, None if enat else micro_batch))
     if not enat:
         return counts, None
-    return counts, torch.Generator().manual_seed(derived_seed("mask-positions", seed, step, micro, rank))
+    return counts, torch.Generator().manual_seed(derived_seed("mask-positions", seed, step, micro_batch))
 
 
 def lr_factor(config: TrainConfig) -> Callable[[int], float]:
@@ -109,27 +114,40 @@ class Trainer:
         bf16 = config.precision == "bf16" or (config.precision == "auto" and bf16_supported(self.device))
         self.dtype = torch.bfloat16 if bf16 else torch.float32
 
+        self.start = find_start(config, self.model_dict)
+        self.grad_accum, self.global_batch = self.start.grad_accum, self.start.global_batch
+        restored = self.start.restored
+
         torch.manual_seed(config.seed)
-        model = build_model(replace(model_config, cond_dropout=0.0)).to(self.device)
+        model = build_model(replace(model_config, cond_dropout=0.0))
+        if restored is not None:  # DeepSpeed builds its fp32 copies from these
+            train_state.load_weights(model, restored.weights)
+        model = model.to(self.device)
         self.seq_len, self.mask_id = model_config.seq_len, model_config.mask_id
         self.null_class, self.width = model_config.null_class, model_config.width
         self.flops_per_sample = train_flops_per_sample(model, config.masking, self.kind == "enat",
                                                        self.autocast, self.device)
         self.peak = matmul_peak(self.device, self.dtype)
         self.ema = EMA(model, config.ema_decay)
+        if restored is not None:
+            self.ema.load_state_dict(restored.ema)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas),
                                       weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
         ds_config = {
             "train_micro_batch_size_per_gpu": config.batch_size,
-            "gradient_accumulation_steps": config.grad_accum,
-            "train_batch_size": config.batch_size * config.grad_accum * self.world,
+            "gradient_accumulation_steps": self.grad_accum,
+            "train_batch_size": self.global_batch,
             "gradient_clipping": config.grad_clip,
             "zero_optimization": {"stage": config.zero_stage},
             "steps_per_print": 2**31 - 1,
         }
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config, dist_init_required=False)
+        if restored is not None:
+            train_state.restore(self.engine, restored.moments, restored.adam_step)
+            train_state.set_schedule(self.engine, restored.step)
+        self.logged_through = 0  # the last step MLflow already has (a restart recomputes later ones)
         self.tracker: Tracker | None = None
         self.tracking_url = storage.join(runs.run_url(config.root, config.run), runs.TRACKING_NAME)
         self.run_id_recorded = False
@@ -144,22 +162,6 @@ class Trainer:
 
     # -- start: resume, tracking ---------------------------------------------------------
 
-    def _resume_target(self) -> runs.Checkpoint | None:
-        """Rank 0 decides (and cleans up crash leftovers); everyone gets the same answer."""
-        config, found = self.config, [None]
-        if self.rank == 0:
-            removed = checkpoint.clean_partial(config.root, config.run)
-            if removed:
-                print(f"removed {len(removed)} incomplete checkpoint folder(s): {', '.join(removed)}")
-            try:
-                found = [runs.resume_target(config.root, config.run, config.resume)]
-            except runs.CheckpointError as err:
-                found = [err]
-        dist.broadcast_object_list(found, src=0)
-        if isinstance(found[0], Exception):
-            raise found[0]
-        return found[0]
-
     def _start_tracking(self) -> None:
         config = self.config
         run_id = json.loads(storage.read_bytes(self.tracking_url))["mlflow_run_id"] \
@@ -168,6 +170,7 @@ class Trainer:
         self.tracker = Tracker(config.mlflow_experiment, config.run, run_id=run_id, enabled=config.tracking,
                                tags=tags, wait=config.tracking_wait)
         self.run_id_recorded = run_id is not None
+        self.logged_through = self.tracker.last_step("loss") if run_id is not None else 0
         if config.tracking and run_id is None:
             self.tracker.log_params(to_dict(config))
         self._record_run_id()
@@ -184,8 +187,9 @@ class Trainer:
 
     def _micro_step(self, batch: Batch, step: int, micro: int) -> tuple[torch.Tensor, float | None]:
         config, enat = self.config, self.kind == "enat"
-        generator, positions = masking_generators(config.seed, step, micro, self.rank, enat)
-        torch.manual_seed(derived_seed("dropout", config.seed, step, micro, self.rank))  # + label drop
+        micro_batch = self.rank * self.grad_accum + micro  # its number in the global batch
+        generator, positions = masking_generators(config.seed, step, micro_batch, enat)
+        torch.manual_seed(derived_seed("dropout", config.seed, step, micro_batch))  # + label drop
         cond = drop_condition(batch.cond, self.p_uncond, self.null_class) if self.p_uncond > 0 else batch.cond
         masked, mask = mask_tokens(batch.ids, self.mask_id, config.masking, generator,
                                    one_ratio_per_batch=enat, positions=positions)
@@ -244,14 +248,16 @@ class Trainer:
                    "grad_norm": float(grad_norm if grad_norm is not None else float("nan")),
                    **meter.rates(self.seq_len, self.flops_per_sample, self.peak, self.world),
                    "data_corrupt_shards": float(totals[2]), "data_corrupt_samples": float(totals[3]),
-                   "data_missing_shards": float(totals[4])}
+                   "data_missing_shards": float(totals[4]), "world_size": float(self.world),
+                   "grad_accum": float(self.grad_accum)}
         self.metrics = metrics
         if self.rank == 0:
             print(f"step {step}/{self.config.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                   f"grad_norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f} "
-                  f"mfu {100 * metrics['mfu']:.2f}% data_wait {100 * metrics['data_wait_frac']:.1f}%",
-                  flush=True)
-            self.tracker.log_metrics(metrics, step)
+                  f"mfu {100 * metrics['mfu']:.2f}% data_wait {100 * metrics['data_wait_frac']:.1f}% "
+                  f"workers {self.world}", flush=True)
+            if step > self.logged_through:
+                self.tracker.log_metrics(metrics, step)
 
     def _validate(self, step: int) -> None:
         """val_loss of the EMA weights (what gets evaluated), computed on rank 0."""
@@ -270,10 +276,11 @@ class Trainer:
         url = runs.step_url(config.root, config.run, step)
         if self.rank == 0:
             self._record_run_id()  # before the checkpoint appears: its evaluation logs there
-        saved = checkpoint.save(url, step, self.engine, self.ema.model, self.export_config,
-                                self.stream.position().to_dict(), to_dict(config),
+        data = {"samples": self.stream.position(), "global_batch": self.global_batch,
+                "epoch_size": self.stream.order.size}
+        saved = checkpoint.save(url, step, self.engine, self.ema.model, self.export_config, to_dict(config),
                                 meta={"zero_stage": config.zero_stage, "model": self.model_dict,
-                                      "run": config.run, "metrics": dict(self.metrics)})
+                                      "run": config.run, "metrics": dict(self.metrics), "data": data})
         self.last_checkpoint = saved.url
         if self.rank == 0:
             removed = checkpoint.prune(config.root, config.run, config.keep_last)
@@ -289,33 +296,13 @@ class Trainer:
     def run(self, until_step: int | None,
             on_checkpoint: Callable[[int, str, dict], None] | None) -> TrainResult:
         config = self.config
-        target = self._resume_target()
-        start, position = 0, None
-        while target is not None:
-            checkpoint.check_resumable(target, self.world, config.zero_stage, self.model_dict)
-            try:
-                data = checkpoint.load(target, self.engine, self.ema)
-            except checkpoint.CorruptCheckpoint as err:
-                # Every rank got the same error (load checks collectively); only the run's
-                # own checkpoints have an earlier one to fall back to.
-                target = runs.previous(target, config.root, config.run) \
-                    if target.url.startswith(runs.checkpoints_url(config.root, config.run)) else None
-                if target is None:
-                    raise
-                if self.rank == 0:
-                    print(f"warning: {err}; resuming from the previous checkpoint {target.url}",
-                          file=sys.stderr, flush=True)
-                continue
-            start, position = target.step, StreamPosition.from_dict(data) if data else None
-            if self.rank == 0:
-                print(f"resumed from {target.url} (step {start})", flush=True)
-            break
+        target, start = self.start.checkpoint, self.start.step
         if self.rank == 0:
             self._start_tracking()
             if target is not None:
                 self.tracker.set_tags({"enat.resumed_from": target.url})
-        self.stream = TokenStream(self.dataset, config.data, config.batch_size, config.seed,
-                                  self.rank, self.world, position)
+        self.stream = TokenStream(self.dataset, config.data, config.batch_size, config.seed, self.rank,
+                                  self.world, self.grad_accum, self.start.samples)
         last = min(config.steps, until_step or config.steps)
         losses: dict[int, float] = {}
         meter, grad_norm, step = Meter(), None, start
@@ -324,14 +311,14 @@ class Trainer:
             while step < last:
                 step += 1
                 batches = []
-                for _ in range(config.grad_accum):
+                for _ in range(self.grad_accum):
                     waited = time.perf_counter()
                     batches.append(next(self.stream).to(self.device))
                     meter.data_wait += time.perf_counter() - waited
                 losses[step], norm = self.train_step(batches, step)
                 grad_norm = norm if norm is not None else grad_norm
                 meter.steps += 1
-                meter.samples += config.batch_size * config.grad_accum * self.world
+                meter.samples += self.global_batch
                 meter.loss_sum += losses[step]
                 meter.loss_count += 1
                 if step % config.log_every == 0 or step == last:
