@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["generate.py", "pretokenize.py", "train.py"]
+BENCHES = ["generate.py", "pretokenize.py", "train.py", "zero_overhead.py"]
 
 
 def machine() -> str:

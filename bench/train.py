@@ -6,7 +6,11 @@ Measures, on synthetic token shards in a temporary folder:
   DeepSpeed, one CPU thread each), and from the ZeRO-2 run tokens_per_s, mfu and
   train_samples_per_s (what one worker's training consumes);
 - plain_step_s: the same model, batch and masking in a plain single-process torch loop
-  (torch AdamW, no DeepSpeed, batches already in memory, one thread).
+  (torch AdamW, no DeepSpeed, batches already in memory, one thread);
+- loader_over_train: loader_samples_per_s over what one worker's training consumes;
+- checkpoint_save_s: seconds to write the ZeRO-2 run's last checkpoint (gather every rank's
+  partition, write whole tensors), and reshard_load_s: seconds a 2-worker ZeRO-3 start from
+  it takes beyond a fresh start (read, check, hand every rank its fragments).
 
     .venv/bin/python bench/train.py --json [--steps 40] [--batch-size 32]
 
@@ -26,13 +30,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-SPEC = {"grid": 8, "codebook_size": 256, "num_classes": 10, "samples": 4096, "per_shard": 256}
 
 
 def model_preset() -> dict:
     import yaml
 
     return yaml.safe_load((REPO / "configs" / "models" / "tiny-enat.yaml").read_text())
+
+
+def data_spec() -> dict:
+    """Synthetic token shards the preset reads: its grid, codebook and classes."""
+    preset = model_preset()
+    return {"grid": preset["grid_size"], "codebook_size": preset["codebook_size"],
+            "num_classes": preset["num_classes"], "samples": 4096, "per_shard": 256}
 
 
 def train_config(data: str, root: str, stage: int, args: argparse.Namespace):
@@ -54,8 +64,25 @@ def worker(args: argparse.Namespace) -> None:
     for stage in (0, 1, 2, 3):
         result = train(train_config(args.data, args.root, stage, args))
         results[stage] = result.metrics
+    results["reshard"] = reshard_seconds(args)
     if os.environ["RANK"] == "0":
         Path(args.out).write_text(json.dumps(results))
+
+
+def reshard_seconds(args: argparse.Namespace) -> dict[str, float]:
+    """Seconds to start from the ZeRO-2 run's last checkpoint at ZeRO-3 (read, check, hand
+    every rank its fragments) beyond those of a fresh start, and to write that checkpoint."""
+    from dataclasses import replace
+
+    from enat.trainer.loop import Trainer
+
+    config = train_config(args.data, args.root, 3, args)
+    seconds = {}
+    for name, run in (("fresh", "bench-fresh"), ("resumed", "bench-zero2")):
+        started = time.perf_counter()
+        Trainer(replace(config, run=run, steps=args.steps + 1))
+        seconds[name] = time.perf_counter() - started
+    return {"load_s": seconds["resumed"] - seconds["fresh"]}
 
 
 def loader_rate(data: str, batch_size: int, batches: int = 60) -> float:
@@ -129,7 +156,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="enat-bench-train-") as tmp:
         data, root, out = f"{tmp}/data", f"{tmp}/root", f"{tmp}/zero.json"
-        write_synthetic_shards(data, SyntheticSpec(**SPEC))
+        write_synthetic_shards(data, SyntheticSpec(**data_spec()))
         loader = loader_rate(data, args.batch_size)
         plain = plain_step_time(data, args)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -140,7 +167,9 @@ def main() -> int:
         if run.returncode != 0:
             print(run.stdout[-2000:] + run.stderr[-4000:], file=sys.stderr)
             return run.returncode
-        zero = {int(k): v for k, v in json.loads(Path(out).read_text()).items()}
+        measured = json.loads(Path(out).read_text())
+        reshard = measured.pop("reshard")
+        zero = {int(k): v for k, v in measured.items()}
     report = {
         "model": "tiny-enat", "workers": 2, "batch_size_per_worker": args.batch_size,
         "precision": "bf16" if _bf16() else "fp32",
@@ -151,6 +180,10 @@ def main() -> int:
         "data_wait_frac": round(zero[2]["data_wait_frac"], 4),
         "zero_step_s": {str(stage): round(zero[stage]["step_time_s"], 4) for stage in sorted(zero)},
         "plain_step_s": round(plain, 4),
+        "loader_over_train": round(loader / (zero[2]["samples_per_s"] / 2), 1),
+        # The ZeRO-2 run's checkpoint: written by 2 workers, and loaded by 2 workers at ZeRO-3.
+        "checkpoint_save_s": round(zero[2]["checkpoint_s"], 3),
+        "reshard_load_s": round(reshard["load_s"], 3),
     }
     if args.json:
         print(json.dumps(report))

@@ -183,6 +183,12 @@ class Trainer:
             storage.write_bytes(self.tracking_url, json.dumps(record).encode())
             self.run_id_recorded = True
 
+    def _track(self, metrics: dict[str, float], step: int) -> None:
+        """Log to MLflow unless it has this step already (a restart recomputes the steps after
+        the last checkpoint; their first values stay)."""
+        if step > self.logged_through:
+            self.tracker.log_metrics(metrics, step)
+
     # -- one step ------------------------------------------------------------------------
 
     def _micro_step(self, batch: Batch, step: int, micro: int) -> tuple[torch.Tensor, float | None]:
@@ -256,8 +262,7 @@ class Trainer:
                   f"grad_norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f} "
                   f"mfu {100 * metrics['mfu']:.2f}% data_wait {100 * metrics['data_wait_frac']:.1f}% "
                   f"workers {self.world}", flush=True)
-            if step > self.logged_through:
-                self.tracker.log_metrics(metrics, step)
+            self._track(metrics, step)
 
     def _validate(self, step: int) -> None:
         """val_loss of the EMA weights (what gets evaluated), computed on rank 0."""
@@ -267,7 +272,7 @@ class Trainer:
         self.metrics["val_loss"] = loss[0]
         if self.rank == 0:
             print(f"step {step}: val_loss {loss[0]:.4f}", flush=True)
-            self.tracker.log_metrics({"val_loss": loss[0]}, step)
+            self._track({"val_loss": loss[0]}, step)
 
     def _checkpoint(self, step: int, on_checkpoint: Callable[[int, str, dict], None] | None) -> None:
         config = self.config
@@ -278,16 +283,20 @@ class Trainer:
             self._record_run_id()  # before the checkpoint appears: its evaluation logs there
         data = {"samples": self.stream.position(), "global_batch": self.global_batch,
                 "epoch_size": self.stream.order.size}
+        started = time.perf_counter()
         saved = checkpoint.save(url, step, self.engine, self.ema.model, self.export_config, to_dict(config),
                                 meta={"zero_stage": config.zero_stage, "model": self.model_dict,
                                       "run": config.run, "metrics": dict(self.metrics), "data": data})
+        seconds = time.perf_counter() - started  # what a checkpoint costs: see checkpoint_every
+        self.metrics["checkpoint_s"] = seconds
         self.last_checkpoint = saved.url
         if self.rank == 0:
             removed = checkpoint.prune(config.root, config.run, config.keep_last)
             self.tracker.set_tags({"checkpoint.latest": saved.url, f"checkpoint.step_{step}": saved.url,
                                    "ema.latest": saved.ema_url})
-            print(f"checkpoint step {step}: {saved.url}"
-                  + (f" (removed {len(removed)} older)" if removed else ""), flush=True)
+            self._track({"checkpoint_s": seconds}, step)
+            print(f"checkpoint step {step}: {saved.url} ({seconds:.1f} s)"
+                  + (f", removed {len(removed)} older" if removed else ""), flush=True)
         if on_checkpoint is not None:
             on_checkpoint(step, saved.url, dict(self.metrics))
 
