@@ -50,17 +50,17 @@ def test_asha_stops_trailing_trials_and_a_rerun_restores(s3_bucket, s3_keys_in_e
                                                per_shard=64))
     args = ["search-train", "--config", "tiny-enat-demo", f"root={root}", f"data.url={data}", *MODEL,
             "batch_size=8", "launch.num_workers=1", "log_every=2", "data.readers=1",
-            "search.trials=3", "search.max_steps=4", "search.grace_steps=2", "search.reduction_factor=2",
+            "search.trials=4", "search.max_steps=4", "search.grace_steps=2", "search.reduction_factor=2",
             "search.validation_samples=32", "search.lr=[1e-4, 1e-2]"]
     assert main(args) == 0
     summary = json.loads(storage.read_bytes(storage.join(root, "runs", "search-train", "best.json")))
     trials = summary["trials"]
-    assert len(trials) == 3 and not any(t["error"] for t in trials)
+    assert len(trials) == 4 and not any(t["error"] for t in trials)
     assert all(t["steps"] in (2, 4) for t in trials)  # the rungs
     finished = [t for t in trials if t["steps"] == 4]
     assert finished and summary["best"]["val_loss"] == min(t["val_loss"] for t in finished)
     assert summary["steps_trained"] < summary["steps_without_early_stopping"]  # ASHA stopped some
-    assert len({round(t["val_loss"], 6) for t in trials}) == 3  # each trial trained its own setting
+    assert len({round(t["val_loss"], 6) for t in trials}) == 4  # each trial trained its own setting
     best_yaml = storage.read_bytes(storage.join(root, "runs", "search-train", "best.yaml")).decode()
     assert f"beta_a: {summary['best']['beta_a']:.4g}" in best_yaml
     # Each trial is a training run of its own, with its checkpoints in the root.
@@ -68,7 +68,7 @@ def test_asha_stops_trailing_trials_and_a_rerun_restores(s3_bucket, s3_keys_in_e
 
     assert main(args) == 0  # restored: the finished experiment, no new trial
     again = json.loads(storage.read_bytes(storage.join(root, "runs", "search-train", "best.json")))
-    assert again["best"] == summary["best"] and len(again["trials"]) == 3
+    assert again["best"] == summary["best"] and len(again["trials"]) == 4
     # Tune pickled its storage filesystem into the bucket, and copied the environment to
     # every trial: neither holds the keys the environment had.
     secret_nowhere(s3_keys_in_env.secret_key, tmp_path, bucket=s3_bucket)
