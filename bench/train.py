@@ -138,16 +138,34 @@ def plain_step_time(data: str, args: argparse.Namespace) -> float:
     return sum(tail) / len(tail)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str, steps: int) -> argparse.Namespace:
+    """The options of a 2-worker bench: its own, and those its torchrun workers get."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--batch-size", type=int, default=32, help="per worker")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def run_workers(script: str, args: argparse.Namespace, data: str, root: str, out: str) -> dict | None:
+    """`script --worker` on 2 torchrun processes (one CPU thread each); what rank 0 wrote to
+    `out`, or None (the failure printed) when they failed."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               script, "--worker", "--data", data, "--root", root, "--out", out,
+               "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+    run = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    if run.returncode != 0:
+        print(run.stdout[-2000:] + run.stderr[-4000:], file=sys.stderr)
+        return None
+    return json.loads(Path(out).read_text())
+
+
+def main() -> int:
+    args = parse_args(__doc__, steps=40)
     if args.worker:
         worker(args)
         return 0
@@ -159,15 +177,9 @@ def main() -> int:
         write_synthetic_shards(data, SyntheticSpec(**data_spec()))
         loader = loader_rate(data, args.batch_size)
         plain = plain_step_time(data, args)
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   __file__, "--worker", "--data", data, "--root", root, "--out", out,
-                   "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        run = subprocess.run(command, env=env, capture_output=True, text=True)
-        if run.returncode != 0:
-            print(run.stdout[-2000:] + run.stderr[-4000:], file=sys.stderr)
-            return run.returncode
-        measured = json.loads(Path(out).read_text())
+        measured = run_workers(__file__, args, data, root, out)
+        if measured is None:
+            return 1
         reshard = measured.pop("reshard")
         zero = {int(k): v for k, v in measured.items()}
     report = {

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import data_spec, model_preset  # noqa: E402 - the same model and data as bench/train.py
+from train import data_spec, model_preset, parse_args, run_workers  # noqa: E402 - bench/train.py's model, data, launcher
 
 VARIANTS = {  # name: (zero stage, zero_optimization settings laid over the trainer's)
     "zero0": (0, {}),
@@ -92,15 +91,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=32, help="per worker")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--root", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(__doc__, steps=30)
     if args.worker:
         from enat.trainer.distributed import init_distributed
 
@@ -113,18 +104,12 @@ def main() -> int:
     from enat.trainer.synthetic import SyntheticSpec, write_synthetic_shards
 
     with tempfile.TemporaryDirectory(prefix="enat-bench-zero-") as tmp:
-        data, out = f"{tmp}/data", f"{tmp}/out.json"
-        write_synthetic_shards(data, SyntheticSpec(**data_spec()))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   __file__, "--worker", "--data", data, "--root", f"{tmp}/root", "--out", out,
-                   "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
-        run = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                             text=True)
-        if run.returncode != 0:
-            print(run.stdout[-2000:] + run.stderr[-4000:], file=sys.stderr)
-            return run.returncode
-        report = {"model": "tiny-enat", "workers": 2, "batch_size_per_worker": args.batch_size,
-                  "seconds_per_step": json.loads(Path(out).read_text())}
+        write_synthetic_shards(f"{tmp}/data", SyntheticSpec(**data_spec()))
+        measured = run_workers(__file__, args, f"{tmp}/data", f"{tmp}/root", f"{tmp}/out.json")
+    if measured is None:
+        return 1
+    report = {"model": "tiny-enat", "workers": 2, "batch_size_per_worker": args.batch_size,
+              "seconds_per_step": measured}
     print(json.dumps(report) if args.json else json.dumps(report, indent=1))
     return 0
 
