@@ -1,0 +1,124 @@
+"""The stages of one pretokenize shard, overlapped inside its task.
+
+    read (1 I/O thread, one chunk ahead) -> decode + resize (a pool of threads, one per
+    CPU of the task) -> fixed batches of `batch_size` kept images -> encode (the calling
+    thread, with the model its process keeps loaded) -> serialise into the shard's tar
+    (1 writer thread)
+
+Every stage runs ahead of the next by a bounded amount: while the encoder works on batch
+k, the pool decodes batch k+1, the reader fetches the next chunk and the writer
+serialises batch k-1; memory stays at a few batches whatever the shard size. Threads
+overlap real work because PIL releases the GIL while it decodes and resizes pixels,
+torch while it computes and fsspec while it waits on storage. Everything stays in input
+order, and batch k holds kept images k*B .. (k+1)*B-1 exactly as a sequential encode of
+the kept images would batch them, so the ids equal a sequential run's.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from enat.pipelines.images import RejectedInput, center_crop, decode_image, to_array
+from enat.pipelines.sources import InputItem, read_blobs
+
+
+@dataclass
+class Prepared:
+    """One input after decode + resize: the pixels to encode, or why it was rejected."""
+
+    item: InputItem
+    array: np.ndarray | None = None  # uint8 [3, H, W]; None when rejected
+    meta: dict[str, Any] = field(default_factory=dict)  # source, original size, conversion note
+    caption: str | None = None
+    reason: str | None = None  # why a rejected input was rejected
+
+
+def threads_for(cpus: int) -> tuple[int, int]:
+    """(decode threads, torch intra-op threads) of a task with `cpus` CPUs. Both get all of
+    them: decoding of a batch and its encoding alternate more than they coincide (the pool
+    runs one batch ahead and then waits), and bench/pretokenize.py measured fewer torch
+    threads than CPUs to leave the encoder, the slower stage, short of CPU."""
+    return cpus, cpus
+
+
+def ahead(executor: Executor, fn: Callable[..., Any], calls: Iterable[tuple], depth: int) -> Iterator[Any]:
+    """fn(*args) for each args in `calls`, run on `executor` up to `depth` calls ahead of
+    the consumer; results in order (an exception surfaces when its result is reached)."""
+    pending: deque = deque()
+    for args in calls:
+        pending.append(executor.submit(fn, *args))
+        if len(pending) > depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _read(items: list[InputItem], with_captions: bool) -> list[tuple[InputItem, Any, Any]]:
+    blobs = [item.image for item in items] + ([item.caption for item in items] if with_captions else [])
+    data = read_blobs(blobs)
+    return [(item, data[i], data[len(items) + i] if with_captions else None) for i, item in enumerate(items)]
+
+
+def prepared(items: list[InputItem], resolution: int, max_pixels: int, min_side: int, reader: Executor,
+             pool: Executor, chunk: int, depth: int) -> Iterator[Prepared]:
+    """Each input decoded and resized (or rejected with its reason), in input order: chunks
+    of `chunk` inputs are read one ahead on `reader`, and decoded `depth` inputs ahead on
+    `pool`."""
+    with_captions = any(item.caption is not None for item in items)
+    parts = [(items[start : start + chunk], with_captions) for start in range(0, len(items), chunk)]
+    reads = ahead(reader, _read, parts, depth=1)
+    calls = ((item, raw, caption, resolution, max_pixels, min_side)
+             for part in reads for item, raw, caption in part)
+    return ahead(pool, prepare_input, calls, depth)
+
+
+def prepare_input(item: InputItem, raw: bytes | Exception, caption_raw: bytes | Exception | None,
+                  resolution: int, max_pixels: int, min_side: int) -> Prepared:
+    try:
+        if isinstance(raw, Exception):
+            raise RejectedInput(f"unreadable ({type(raw).__name__}: {str(raw)[:120]})")
+        caption = _caption(caption_raw) if item.caption is not None else None
+        image, note = decode_image(raw, max_pixels, min_side)
+        array = to_array(center_crop(image, resolution))
+    except RejectedInput as err:
+        return Prepared(item, reason=str(err))
+    except Exception as err:  # noqa: BLE001 - one odd file must never stop the job
+        return Prepared(item, reason=f"could not be decoded ({type(err).__name__}: {str(err)[:120]})")
+    meta = {"source": item.source, "width": image.width, "height": image.height}
+    if note:
+        meta["converted"] = note
+    return Prepared(item, array, meta, caption)
+
+
+def _caption(raw: bytes | Exception) -> str:
+    if isinstance(raw, Exception):
+        raise RejectedInput(f"caption unreadable ({type(raw).__name__})")
+    try:
+        caption = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise RejectedInput("caption is not UTF-8 text") from None
+    if not caption:
+        raise RejectedInput("empty caption")
+    return caption
+
+
+def batches(inputs: Iterable[Prepared], size: int, rejected: list[Prepared]) -> Iterator[list[Prepared]]:
+    """Kept inputs in fixed batches of `size` (the last one shorter); rejected ones are
+    appended to `rejected` as they pass."""
+    batch: list[Prepared] = []
+    for one in inputs:
+        if one.array is None:
+            rejected.append(one)
+            continue
+        batch.append(one)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
