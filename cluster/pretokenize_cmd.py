@@ -32,11 +32,11 @@ def _shard_task(task: Any, cpus: int) -> dict[str, Any]:
     import torch
 
     from enat.pipelines.pretokenize import process_shard
-    from enat.pipelines.stages import threads_for
+    from enat.pipelines.stages import workers_for
 
-    decode_threads, torch_threads = threads_for(cpus)
+    decoders, torch_threads = workers_for(cpus)
     torch.set_num_threads(torch_threads)  # the task's CPU share, not the whole machine
-    return process_shard(task, decode_threads)
+    return process_shard(task, decoders)
 
 
 def _task_options(config: PretokenizeConfig) -> tuple[dict[str, Any], int]:

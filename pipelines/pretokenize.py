@@ -211,22 +211,25 @@ def encode_images(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray
     return np.concatenate(ids)
 
 
-def process_shard(task: ShardTask, decode_threads: int = 1) -> dict[str, Any]:
-    """Tokenize one shard's inputs with its stages overlapped (pipelines/stages.py), publish
-    the shard, then its record; the record (plus the task's CPU seconds, which stay out of
-    the stored record)."""
+def process_shard(task: ShardTask, decoders: int = 1) -> dict[str, Any]:
+    """Tokenize one shard's inputs with its stages overlapped (pipelines/stages.py) and
+    `decoders` decoding processes, publish the shard, then its record; the record (plus
+    the task's CPU seconds, decoders included, which stay out of the stored record)."""
     cpu_started = time.process_time()
     spec = task.spec
     tokenizer, text_encoder = _models(spec)
     rejected: list[stages.Prepared] = []
     samples: list[TokenSample] = []
+    decode_cpu_s: list[float] = []
     builder = shards.ShardBuilder()
     with (ThreadPoolExecutor(1, "pretokenize-read") as reader,
-          ThreadPoolExecutor(decode_threads, "pretokenize-decode") as pool,
           ThreadPoolExecutor(1, "pretokenize-write") as writer):
-        # Reads come in chunks of two batches; the pool decodes up to two batches ahead.
-        inputs = stages.prepared(task.items, spec.resolution, spec.max_pixels, spec.min_side, reader, pool,
-                                 chunk=2 * spec.batch_size, depth=2 * spec.batch_size)
+        # Reads come in chunks of two batches; each decoder takes a share of a batch at a
+        # time, and the pool runs up to two batches ahead of the encoder.
+        piece = -(-spec.batch_size // decoders)
+        inputs = stages.prepared(task.items, spec.resolution, spec.max_pixels, spec.min_side, reader,
+                                 stages.decode_pool(decoders), chunk=2 * spec.batch_size, piece=piece,
+                                 depth=2 * decoders, cpu_seconds=decode_cpu_s)
         written = []
         for batch in stages.batches(inputs, spec.batch_size, rejected):
             encoded = _samples(batch, tokenizer.model, spec)
@@ -248,7 +251,7 @@ def process_shard(task: ShardTask, decode_threads: int = 1) -> dict[str, Any]:
               "converted": [{"input": meta["source"], "note": meta["converted"]}
                             for meta in kept if "converted" in meta]}
     storage.write_bytes(task.record_url, json.dumps(record, sort_keys=True).encode())
-    return {**record, "cpu_s": time.process_time() - cpu_started}
+    return {**record, "cpu_s": time.process_time() - cpu_started + sum(decode_cpu_s)}
 
 
 def _samples(batch: list[stages.Prepared], model: Any, spec: JobSpec) -> list[TokenSample]:

@@ -1,24 +1,29 @@
 """The stages of one pretokenize shard, overlapped inside its task.
 
-    read (1 I/O thread, one chunk ahead) -> decode + resize (a pool of threads, one per
+    read (1 I/O thread, one chunk ahead) -> decode + resize (a pool of processes, one per
     CPU of the task) -> fixed batches of `batch_size` kept images -> encode (the calling
     thread, with the model its process keeps loaded) -> serialise into the shard's tar
     (1 writer thread)
 
 Every stage runs ahead of the next by a bounded amount: while the encoder works on batch
 k, the pool decodes batch k+1, the reader fetches the next chunk and the writer
-serialises batch k-1; memory stays at a few batches whatever the shard size. Threads
-overlap real work because PIL releases the GIL while it decodes and resizes pixels,
-torch while it computes and fsspec while it waits on storage. Everything stays in input
-order, and batch k holds kept images k*B .. (k+1)*B-1 exactly as a sequential encode of
-the kept images would batch them, so the ids equal a sequential run's.
+serialises batch k-1; memory stays at a few batches whatever the shard size. Decoding
+runs in processes, not threads: small images cost PIL more Python than pixel work, so
+decode threads hold the GIL often enough to stall the encoder's own Python between its
+torch ops (measured in bench/pretokenize.py: 2 decode threads were slower than 1, and
+the 2-CPU pipeline 20% slower than with decode processes). The reader waits on storage
+and the writer is brief, so they stay threads. Everything stays in input order, and
+batch k holds kept images k*B .. (k+1)*B-1 exactly as a sequential encode of the kept
+images would batch them, so the ids equal a sequential run's.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,12 +44,25 @@ class Prepared:
     reason: str | None = None  # why a rejected input was rejected
 
 
-def threads_for(cpus: int) -> tuple[int, int]:
-    """(decode threads, torch intra-op threads) of a task with `cpus` CPUs. Both get all of
-    them: decoding of a batch and its encoding alternate more than they coincide (the pool
-    runs one batch ahead and then waits), and bench/pretokenize.py measured fewer torch
-    threads than CPUs to leave the encoder, the slower stage, short of CPU."""
+def workers_for(cpus: int) -> tuple[int, int]:
+    """(decode processes, torch intra-op threads) of a task with `cpus` CPUs. Both get all
+    of them: decoding runs ahead by a batch and then waits, so the two alternate more than
+    they coincide, and on 2 CPUs the encoder with 2 threads gave the pipeline more images/s
+    than with 1 (bench/pretokenize.py), at some cost per CPU-second."""
     return cpus, cpus
+
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def decode_pool(processes: int) -> ProcessPoolExecutor:
+    """This process's pool of `processes` decoders, started once and kept for later shards
+    (started with spawn: forking a process that runs torch and Ray threads is unsafe, so the
+    main module must be import-safe, as enat's CLI, Ray's workers and pytest are)."""
+    pool = _POOLS.get(processes)
+    if pool is None or pool._broken:  # a decoder died (killed, out of memory): start afresh
+        pool = _POOLS[processes] = ProcessPoolExecutor(processes, multiprocessing.get_context("spawn"))
+    return pool
 
 
 def ahead(executor: Executor, fn: Callable[..., Any], calls: Iterable[tuple], depth: int) -> Iterator[Any]:
@@ -66,16 +84,29 @@ def _read(items: list[InputItem], with_captions: bool) -> list[tuple[InputItem, 
 
 
 def prepared(items: list[InputItem], resolution: int, max_pixels: int, min_side: int, reader: Executor,
-             pool: Executor, chunk: int, depth: int) -> Iterator[Prepared]:
+             pool: Executor, chunk: int, piece: int, depth: int,
+             cpu_seconds: list[float]) -> Iterator[Prepared]:
     """Each input decoded and resized (or rejected with its reason), in input order: chunks
-    of `chunk` inputs are read one ahead on `reader`, and decoded `depth` inputs ahead on
-    `pool`."""
+    of `chunk` inputs are read one ahead on `reader`, and pieces of `piece` inputs decoded
+    `depth` pieces ahead on `pool`; each piece's decoding CPU seconds go to `cpu_seconds`."""
     with_captions = any(item.caption is not None for item in items)
     parts = [(items[start : start + chunk], with_captions) for start in range(0, len(items), chunk)]
     reads = ahead(reader, _read, parts, depth=1)
-    calls = ((item, raw, caption, resolution, max_pixels, min_side)
-             for part in reads for item, raw, caption in part)
-    return ahead(pool, prepare_input, calls, depth)
+    calls = ((part[start : start + piece], resolution, max_pixels, min_side)
+             for part in reads for start in range(0, len(part), piece))
+    for done, seconds in ahead(pool, prepare_inputs, calls, depth):
+        cpu_seconds.append(seconds)
+        yield from done
+
+
+def prepare_inputs(inputs: list[tuple[InputItem, Any, Any]], resolution: int, max_pixels: int,
+                   min_side: int) -> tuple[list[Prepared], float]:
+    """`prepare_input` of each, and the CPU seconds they took (a decoder process's time is
+    not in its parent's process_time)."""
+    started = time.process_time()
+    done = [prepare_input(item, raw, caption, resolution, max_pixels, min_side)
+            for item, raw, caption in inputs]
+    return done, time.process_time() - started
 
 
 def prepare_input(item: InputItem, raw: bytes | Exception, caption_raw: bytes | Exception | None,
