@@ -20,6 +20,8 @@ images would batch them, so the ids equal a sequential run's.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -61,8 +63,20 @@ def decode_pool(processes: int) -> ProcessPoolExecutor:
     main module must be import-safe, as enat's CLI, Ray's workers and pytest are)."""
     pool = _POOLS.get(processes)
     if pool is None or pool._broken:  # a decoder died (killed, out of memory): start afresh
-        pool = _POOLS[processes] = ProcessPoolExecutor(processes, multiprocessing.get_context("spawn"))
+        pool = _POOLS[processes] = ProcessPoolExecutor(processes, multiprocessing.get_context("spawn"),
+                                                       initializer=_exit_with, initargs=(os.getpid(),))
     return pool
+
+
+def _exit_with(parent: int) -> None:
+    """A decoder's start: it leaves when the process that started it is gone, which a
+    SIGKILLed Ray worker cannot tell it (its decoders would otherwise wait forever)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def ahead(executor: Executor, fn: Callable[..., Any], calls: Iterable[tuple], depth: int) -> Iterator[Any]:
