@@ -28,13 +28,15 @@ from enat.pipelines.shards import Manifest
 DEFAULT_GPU_FRACTION = 0.25
 
 
-def _shard_task(task: Any, threads: int) -> dict[str, Any]:
+def _shard_task(task: Any, cpus: int) -> dict[str, Any]:
     import torch
 
     from enat.pipelines.pretokenize import process_shard
+    from enat.pipelines.stages import workers_for
 
-    torch.set_num_threads(threads)  # the task's CPU share, not the whole machine
-    return process_shard(task)
+    decoders, torch_threads = workers_for(cpus)
+    torch.set_num_threads(torch_threads)  # the task's CPU share, not the whole machine
+    return process_shard(task, decoders)
 
 
 def _task_options(config: PretokenizeConfig) -> tuple[dict[str, Any], int]:

@@ -6,7 +6,8 @@ works out which shards a previous run already finished. `process_shard` is the w
 one shard, runnable in any process (cluster/pretokenize_cmd.py runs it as Ray tasks):
 read -> decode (rejections recorded) -> resize + center crop -> batched VQ encode in
 float32 -> optional mirrored copy -> optional caption embedding -> publish the shard,
-then its record. `finish` merges the records into manifest.json, written last.
+then its record; reading, decoding, encoding and serialising overlap (pipelines/stages.py).
+`finish` merges the records into manifest.json, written last.
 
 Layout under `out`:
   <split>/shard-000000.tar          published atomically (temporary key, then move)
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Any
@@ -36,9 +38,8 @@ import torch
 from enat.models.device import pick_device
 from enat.models.errors import UserError
 from enat.models.typed_config import ConfigError
-from enat.pipelines import shards, storage
+from enat.pipelines import shards, stages, storage
 from enat.pipelines.config import NONE, LeaseConfig, PretokenizeConfig, TextEncoderConfig
-from enat.pipelines.images import RejectedInput, center_crop, decode_image, to_array
 from enat.pipelines.lease import Lease
 from enat.pipelines.model_io import load_tokenizer
 from enat.pipelines.shards import Manifest, TokenSample
@@ -210,81 +211,58 @@ def encode_images(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray
     return np.concatenate(ids)
 
 
-def _rejection(item: InputItem, reason: str) -> dict[str, str]:
-    return {"input": item.source, "reason": reason}
-
-
-def process_shard(task: ShardTask) -> dict[str, Any]:
-    """Tokenize one shard's inputs, publish the shard, then its record; the record (plus
-    the task's CPU seconds, which stay out of the stored record)."""
+def process_shard(task: ShardTask, decoders: int = 1) -> dict[str, Any]:
+    """Tokenize one shard's inputs with its stages overlapped (pipelines/stages.py) and
+    `decoders` decoding processes, publish the shard, then its record; the record (plus
+    the task's CPU seconds, decoders included, which stay out of the stored record)."""
     cpu_started = time.process_time()
     spec = task.spec
     tokenizer, text_encoder = _models(spec)
-    has_captions = any(item.caption is not None for item in task.items)
-    blobs = [item.image for item in task.items]
-    if has_captions:
-        blobs += [item.caption for item in task.items]
-    data = read_blobs(blobs)
-    kept: list[tuple[InputItem, dict[str, Any], str | None]] = []
-    arrays, rejected, converted = [], [], []
-    for position, item in enumerate(task.items):
-        raw = data[position]
-        caption = None
-        try:
-            if isinstance(raw, Exception):
-                raise RejectedInput(f"unreadable ({type(raw).__name__}: {str(raw)[:120]})")
-            if has_captions:
-                caption = _caption(data[len(task.items) + position])
-            image, note = decode_image(raw, spec.max_pixels, spec.min_side)
-            array = to_array(center_crop(image, spec.resolution))
-        except RejectedInput as err:
-            rejected.append(_rejection(item, str(err)))
-            continue
-        except Exception as err:  # noqa: BLE001 - one odd file must never stop the job
-            reason = f"could not be decoded ({type(err).__name__}: {str(err)[:120]})"
-            rejected.append(_rejection(item, reason))
-            continue
-        meta = {"source": item.source, "width": image.width, "height": image.height}
-        if note:
-            meta["converted"] = note
-            converted.append({"input": item.source, "note": note})
-        kept.append((item, meta, caption))
-        arrays.append(array)
-    samples = _samples(kept, arrays, tokenizer.model, text_encoder, spec)
-    entry = shards.write_shard(task.shard_url, samples) if samples else None
+    rejected: list[stages.Prepared] = []
+    samples: list[TokenSample] = []
+    decode_cpu_s: list[float] = []
+    builder = shards.ShardBuilder()
+    with (ThreadPoolExecutor(1, "pretokenize-read") as reader,
+          ThreadPoolExecutor(1, "pretokenize-write") as writer):
+        # Reads come in chunks of two batches; each decoder takes a share of a batch at a
+        # time, and the pool runs up to two batches ahead of the encoder.
+        piece = -(-spec.batch_size // decoders)
+        inputs = stages.prepared(task.items, spec.resolution, spec.max_pixels, spec.min_side, reader,
+                                 stages.decode_pool(decoders), chunk=2 * spec.batch_size, piece=piece,
+                                 depth=2 * decoders, cpu_seconds=decode_cpu_s)
+        written = []
+        for batch in stages.batches(inputs, spec.batch_size, rejected):
+            encoded = _samples(batch, tokenizer.model, spec)
+            samples += encoded
+            if text_encoder is None:  # else serialised once the captions are embedded
+                written.append(writer.submit(builder.add, encoded))
+        if text_encoder is not None and samples:
+            # One call for the whole shard, as the encoder batches (and sorts) captions itself.
+            text, mask = text_encoder.encode([sample.caption for sample in samples])
+            for i, sample in enumerate(samples):
+                sample.text, sample.text_mask = text[i], mask[i]
+            written.append(writer.submit(builder.add, samples))
+        for future in written:
+            future.result()
+    entry = shards.publish_shard(task.shard_url, builder.finish(), len(samples)) if samples else None
+    kept = [sample.meta for sample in samples]
     record = {"index": task.index, "shard": entry, "inputs": len(task.items), "written": len(samples),
-              "rejected": rejected, "converted": converted}
+              "rejected": [{"input": one.item.source, "reason": one.reason} for one in rejected],
+              "converted": [{"input": meta["source"], "note": meta["converted"]}
+                            for meta in kept if "converted" in meta]}
     storage.write_bytes(task.record_url, json.dumps(record, sort_keys=True).encode())
-    return {**record, "cpu_s": time.process_time() - cpu_started}
+    return {**record, "cpu_s": time.process_time() - cpu_started + sum(decode_cpu_s)}
 
 
-def _caption(raw: bytes | Exception) -> str:
-    if isinstance(raw, Exception):
-        raise RejectedInput(f"caption unreadable ({type(raw).__name__})")
-    try:
-        caption = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise RejectedInput("caption is not UTF-8 text") from None
-    if not caption:
-        raise RejectedInput("empty caption")
-    return caption
-
-
-def _samples(kept: list, arrays: list[np.ndarray], model: Any, text_encoder: TextEncoder | None,
-             spec: JobSpec) -> list[TokenSample]:
-    if not kept:
-        return []
-    images = np.stack(arrays)
+def _samples(batch: list[stages.Prepared], model: Any, spec: JobSpec) -> list[TokenSample]:
+    """One batch of kept inputs encoded (and its mirrored copy, as a batch of its own)."""
+    images = np.stack([one.array for one in batch])
     tokens = encode_images(model, images, spec.batch_size)
     mirrored = np.ascontiguousarray(images[..., ::-1]) if spec.flip else None
     flips = encode_images(model, mirrored, spec.batch_size) if spec.flip else None
-    captions = [caption for _, _, caption in kept]
-    text, mask = text_encoder.encode(captions) if text_encoder is not None else (None, None)
-    return [TokenSample(key=item.key, tokens=tokens[i], flip_tokens=None if flips is None else flips[i],
-                        label=item.label, caption=captions[i],
-                        text=None if text is None else text[i], text_mask=None if mask is None else mask[i],
-                        meta=meta)
-            for i, (item, meta, _) in enumerate(kept)]
+    return [TokenSample(key=one.item.key, tokens=tokens[i], flip_tokens=None if flips is None else flips[i],
+                        label=one.item.label, caption=one.caption, meta=one.meta)
+            for i, one in enumerate(batch)]
 
 
 def finish(job: Job, run: dict[str, Any]) -> Manifest:

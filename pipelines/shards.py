@@ -94,24 +94,43 @@ def decode_sample(files: dict[str, Any]) -> TokenSample:
     )
 
 
-def shard_bytes(samples: list[TokenSample]) -> bytes:
-    """A deterministic tar (fixed metadata, sample order kept) of encoded samples."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+class ShardBuilder:
+    """A deterministic tar (fixed metadata, sample order kept) built batch by batch, so
+    that a shard's samples can be serialised while later ones are still being encoded."""
+
+    def __init__(self) -> None:
+        self._buffer = io.BytesIO()
+        self._tar = tarfile.open(fileobj=self._buffer, mode="w", format=tarfile.USTAR_FORMAT)
+        self.count = 0
+
+    def add(self, samples: list[TokenSample]) -> None:
         for sample in samples:
             for extension, data in encode_sample(sample).items():
                 info = tarfile.TarInfo(f"{sample.key}.{extension}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+                self._tar.addfile(info, io.BytesIO(data))
+        self.count += len(samples)
+
+    def finish(self) -> bytes:
+        self._tar.close()
+        return self._buffer.getvalue()
+
+
+def shard_bytes(samples: list[TokenSample]) -> bytes:
+    builder = ShardBuilder()
+    builder.add(samples)
+    return builder.finish()
+
+
+def publish_shard(url: str, data: bytes, count: int) -> dict[str, Any]:
+    """Publish one shard's bytes atomically; its manifest entry (name, count, sha256, bytes)."""
+    storage.write_bytes(url, data)
+    return {"name": url.rstrip("/").rsplit("/", 1)[-1], "count": count,
+            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
 def write_shard(url: str, samples: list[TokenSample]) -> dict[str, Any]:
-    """Publish one shard atomically; its manifest entry (name, count, sha256, bytes)."""
-    data = shard_bytes(samples)
-    storage.write_bytes(url, data)
-    return {"name": url.rstrip("/").rsplit("/", 1)[-1], "count": len(samples),
-            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return publish_shard(url, shard_bytes(samples), len(samples))
 
 
 def read_shard(url: str) -> list[TokenSample]:

@@ -35,7 +35,14 @@ from enat.pipelines.config import LeaseConfig, PretokenizeConfig, TextEncoderCon
 from enat.pipelines.demo_data import list_emoji, write_cc3m_tars, write_imagenet_tree
 from enat.pipelines.images import center_crop, decode_image, to_array
 from enat.pipelines.model_io import load_model, save_model
-from enat.pipelines.pretokenize import PretokenizeError, ShardTask, finish, prepare, process_shard
+from enat.pipelines.pretokenize import (
+    PretokenizeError,
+    ShardTask,
+    encode_images,
+    finish,
+    prepare,
+    process_shard,
+)
 from enat.pipelines.shards import read_manifest, read_shard
 from enat.pipelines.sources import SourceError, plan_source
 from enat.pipelines.storage import StorageError
@@ -517,6 +524,35 @@ def test_tars_of_class_trees_plan_like_the_tree_and_give_the_same_ids(demo, toke
     assert np.array_equal(np.stack([s.tokens for s in from_tar.values()]), direct)
     assert isinstance(job.pending[0], ShardTask) and len(from_tar) == 59
     assert len(plan_source(f"folder:{tree}").items) == 59  # unlabeled: every file below
+
+
+def test_overlapped_stages_give_the_ids_of_a_sequential_encode(demo, tokenizer_dir, tmp_path):
+    """Two decoder processes, batches that straddle rejected inputs and a short last batch:
+    ids and mirrored ids equal a plain loop that decodes, then encodes in the same batches."""
+    folder = tmp_path / "raw" / "train" / "mixed"
+    folder.mkdir(parents=True)
+    for i, path in enumerate(sorted((demo / "imagenet" / "train").rglob("*.png"))[:23]):
+        shutil.copy(path, folder / f"{i:02d}.png")
+    (folder / "03b.png").write_bytes(b"")  # rejected between kept inputs
+    (folder / "11b.png").write_bytes((folder / "11.png").read_bytes()[:200])  # truncated
+    config = job_config(source=f"imagenet:{folder.parent.parent}", out=str(tmp_path / "out"),
+                        tokenizer=tokenizer_dir, shard_size=100, batch_size=4, flip=True)
+    job = prepare(config)
+    record = process_shard(job.pending[0], decoders=2)
+    assert [r["input"] for r in record["rejected"]] == ["mixed/03b.png", "mixed/11b.png"]
+    samples = read_shard(job.pending[0].shard_url)
+    assert [s.meta["source"] for s in samples] == [f"mixed/{i:02d}.png" for i in range(23)]
+    assert [s.key for s in samples] == [i.key for i in job.plan.items if "b." not in i.source]
+
+    model = load_model(tokenizer_dir).model
+    arrays = [to_array(center_crop(decode_image((folder.parent / s.meta["source"]).read_bytes())[0], 32))
+              for s in samples]
+    images = np.stack(arrays)
+    sequential = encode_images(model, images, config.batch_size)
+    mirrored = encode_images(model, np.ascontiguousarray(images[..., ::-1]), config.batch_size)
+    assert np.array_equal(np.stack([s.tokens for s in samples]), sequential)
+    assert np.array_equal(np.stack([s.flip_tokens for s in samples]), mirrored)
+    assert record["written"] == 23 and record["cpu_s"] > 0
 
 
 def test_caption_samples_without_image_or_caption_are_rejected_without_ray(demo, tokenizer_dir, tmp_path):
