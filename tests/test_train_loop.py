@@ -172,7 +172,8 @@ def test_checkpoint_folder_layout_and_mlflow_record(two_process_runs):
     found = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
                                "tags.`mlflow.runName` = 'elastic'")[0]
     assert found.data.tags["checkpoint.latest"] == complete[-1].url
-    assert found.data.params["zero_stage"] == "2" and found.data.params["model.width"] == "32"  # the first start's
+    params = found.data.params  # logged at the run's first start
+    assert params["zero_stage"] == "2" and params["model.width"] == "32"
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_s", "world_size",
             "grad_accum"} <= set(found.data.metrics)
     assert found.info.status == "FINISHED"
