@@ -57,16 +57,24 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
 
 def build_torch_trainer(loop_config: TrainConfig, run_name: str, storage_path: str,
-                        storage_filesystem: Any, *, num_workers: int, cpus_per_worker: float,
-                        use_gpu: bool, max_failures: int, until_step: int | None = None) -> TorchTrainer:
+                        storage_filesystem: Any, *, num_workers: int | tuple[int, int],
+                        cpus_per_worker: float, use_gpu: bool, max_failures: int,
+                        until_step: int | None = None, resize_check_s: float = 60.0) -> TorchTrainer:
     """A TorchTrainer running `train_worker` on `num_workers` workers (gloo on CPU, NCCL on
     GPUs), restarted up to `max_failures` times; Ray's bookkeeping goes under
-    `storage_path`/`run_name` (see ray_storage)."""
+    `storage_path`/`run_name` (see ray_storage).
+
+    `num_workers=(min, max)` is Ray Train's elastic mode: it starts on as many workers as
+    the cluster fits, restarts on the survivors when a worker or node is lost, and every
+    `resize_check_s` seconds restarts on more when resources have come back. Every restart
+    reruns the loop, which resumes from the run's latest checkpoint on the new number of
+    workers (trainer/resume.py)."""
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": loop_config, "until_step": until_step},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+                                     resources_per_worker={"CPU": cpus_per_worker},
+                                     elastic_resize_monitor_interval_s=resize_check_s),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=max_failures)),

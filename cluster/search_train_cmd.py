@@ -61,7 +61,7 @@ def _trial(params: dict[str, Any]) -> None:
     for rung in search.rungs():
         trainer = build_torch_trainer(
             config, f"{config.run}-to-{rung}", storage_path, storage_fs,
-            num_workers=launch.num_workers, cpus_per_worker=launch.cpus_per_worker,
+            num_workers=launch.worker_range[1], cpus_per_worker=launch.cpus_per_worker,
             use_gpu=params["use_gpu"], max_failures=launch.max_failures, until_step=rung)
         trainer.fit()
         reached = runs.latest(config.root, config.run)  # its marker holds the metrics
@@ -84,7 +84,7 @@ def run_search_train(job: TrainSearchJob) -> dict[str, Any]:
     storage.check_writable(experiment_url)
     # A local Ray gets one trial_slot per concurrent trial; a cluster's nodes declare theirs
     # (see the README), and a Ray the caller started must have them.
-    wanted = search.concurrency * launch.num_workers * launch.cpus_per_worker
+    wanted = search.concurrency * launch.worker_range[1] * launch.cpus_per_worker
     # The experiment's lease covers its trials' runs (<name>-<trial>): only it writes them.
     lease = runs.run_lease(job.root, search.name, new_owner("search-train"), job.lease)
     with lease.held(), ray_session(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)),

@@ -61,16 +61,18 @@ def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig
     from enat.pipelines import runs
 
     watching = evals is not None and evals.watch
-    wanted = launch.num_workers * launch.cpus_per_worker + (evals.num_cpus if watching else 0)
+    low, high = launch.worker_range
+    wanted = high * launch.cpus_per_worker + (evals.num_cpus if watching else 0)
     run_url = runs.run_url(config.root, config.run)
     with ray_session(max(os.cpu_count() or 1, math.ceil(wanted))):
         watcher = BackgroundWatch(evals, run_url).start() if watching else None
         try:
             storage_path, storage_fs = ray_storage(launch.ray_storage or f"{run_url}/ray")
             trainer = build_torch_trainer(
-                config, config.run, storage_path, storage_fs, num_workers=launch.num_workers,
+                config, config.run, storage_path, storage_fs,
+                num_workers=(low, high) if launch.elastic else low,
                 cpus_per_worker=launch.cpus_per_worker, use_gpu=resolve_use_gpu(launch.use_gpu),
-                max_failures=launch.max_failures)
+                max_failures=launch.max_failures, resize_check_s=launch.resize_check_s)
             return trainer.fit()
         finally:
             if watcher is not None:

@@ -147,3 +147,20 @@ def test_a_model_section_is_a_union_keyed_by_kind_and_may_name_a_preset(tmp_path
         load_config(TrainJob, str(preset), ["model.kind=gan"])
     with pytest.raises(ConfigError, match="bad value for 'kind': expected one of 'nat', got 'enat'"):
         from_dict(NATConfig, {"kind": "enat"})
+
+
+def test_num_workers_takes_a_number_or_an_elastic_range():
+    from enat.cluster.jobs import TrainJob, TrainSearchJob
+
+    fixed = load_config(TrainJob, "train/tiny-enat-demo", ["launch.num_workers=3"])
+    assert fixed.launch.worker_range == (3, 3) and not fixed.launch.elastic
+    assert fixed.loop_config().global_batch == 0  # set at the run's first start
+    elastic = load_config(TrainJob, "train/tiny-enat-demo",
+                          ["launch.num_workers=2-8", "batch_size=16", "grad_accum=2"])
+    assert elastic.launch.worker_range == (2, 8) and elastic.launch.elastic
+    assert elastic.loop_config().global_batch == 16 * 2 * 8  # the largest size's: every size keeps it
+    for bad in ("8-2", "0-2", "two", "2-"):
+        with pytest.raises(ConfigError, match="launch.num_workers"):
+            load_config(TrainJob, "train/tiny-enat-demo", [f"launch.num_workers={bad}"])
+    with pytest.raises(ConfigError, match="one number in search-train"):
+        load_config(TrainSearchJob, "train/tiny-enat-demo", ["launch.num_workers=1-2"])
