@@ -100,3 +100,37 @@ def small_extractor(tmp_path_factory) -> str:
     assert main(["eval", "train-features", "--data", str(root / "data" / "imagenet"), "--out", out,
                  "epochs=1", "width=8", "holdout=0.2"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> str:
+    """The tiny VQGAN with seed-0 weights, exported as `enat tokenizer train` would."""
+    import torch
+    import yaml
+
+    from enat.models import build_config, build_model
+    from enat.pipelines.model_io import save_model
+
+    preset = REPO_ROOT / "configs" / "models" / "tiny-tokenizer.yaml"
+    config = build_config(yaml.safe_load(preset.read_text()))
+    torch.manual_seed(0)
+    folder = str(tmp_path_factory.mktemp("tokenizer"))
+    save_model(folder, build_model(config), config)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    """The demo data sets' two layouts with 6 emoji from each of the 10 categories."""
+    import collections
+
+    from enat.pipelines.demo_data import list_emoji, write_cc3m_tars, write_imagenet_tree
+
+    by_category = collections.defaultdict(list)
+    for emoji in list_emoji():
+        by_category[emoji.category].append(emoji)
+    chosen = [emoji for category in sorted(by_category) for emoji in by_category[category][:6]]
+    root = tmp_path_factory.mktemp("demo")
+    write_imagenet_tree(chosen, root / "imagenet")
+    write_cc3m_tars(chosen, root / "cc3m", shard_size=25, seed=0)
+    return root

@@ -49,6 +49,16 @@ class RayNode:
         self.log.close()
 
 
+def alive_nodes(port: int) -> int:
+    """How many nodes the cluster's GCS counts alive (asked from a process of its own: this one
+    must not join the cluster)."""
+    probe = (f"import ray; ray.init(address='127.0.0.1:{port}', logging_level='ERROR', log_to_driver=False); "
+             "print(sum(node['Alive'] for node in ray.nodes()))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    return int(result.stdout.split()[-1]) if result.returncode == 0 and result.stdout.split() else 0
+
+
 def markers(root: str) -> dict[int, int]:
     """step -> world size of every complete checkpoint of the run so far."""
     return {c.step: c.meta["world_size"] for c in runs.scan(root, "elastic")[0]}
@@ -72,6 +82,10 @@ def test_an_elastic_run_loses_a_node_continues_and_grows_back(s3_bucket, tmp_pat
     head = RayNode(tmp_path / "head.log")
     second = RayNode(tmp_path / "second.log", head_port=head.port)
     nodes = [head, second]
+    deadline = time.monotonic() + 120
+    while alive_nodes(head.port) < 2:  # an elastic run starts on what is there: let both join first
+        assert time.monotonic() < deadline, "the two Ray nodes did not come up"
+        time.sleep(1)
     train_log = tmp_path / "train.log"
     command = [sys.executable, "-m", "enat.cluster.cli", "train", "--config", "tiny-enat-demo", "run=elastic",
                f"root={root}", f"data.url={data}", "model.codebook_size=64", "model.grid_size=4",

