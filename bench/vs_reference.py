@@ -137,7 +137,8 @@ def max_difference(first: Step, second: Step, length: int, mask_id: int, num_cla
     return result
 
 
-def interleaved(contestants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+def interleaved(contestants: dict[str, Callable[[], object]], repeats: int,
+                warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each contestant, the calls interleaved round by round with
     the order reversed every other round (a load change hits both alike)."""
     names = list(contestants)
