@@ -44,8 +44,9 @@ class ReuseState(NamedTuple):
 
 
 class ENATOutput(NamedTuple):
-    """logits [B, L, codebook_size] for every position, feat [B, L, D] (token features
-    before the final norm) and masking [B, L] (True where the input was the mask id).
+    """logits [B, L, codebook_size] for every position (with `masked_logits_only`: [B, M,
+    codebook_size] for the M masked positions, in position order), feat [B, L, D] (token
+    features before the final norm) and masking [B, L] (True where the input was the mask id).
     Having `feat` and `masking`, it can be passed as the next step's `prev` as it is."""
 
     logits: Tensor
@@ -178,8 +179,11 @@ class ENAT(nn.Module):
         return memory, torch.cat([context_mask, context_mask.new_ones(tokens.shape[:2])], dim=1)
 
     def forward(
-        self, ids: Tensor, cond: Condition, prev: ReuseState | ENATOutput | None = None
+        self, ids: Tensor, cond: Condition, prev: ReuseState | ENATOutput | None = None,
+        masked_logits_only: bool = False,
     ) -> ENATOutput:
+        """`masked_logits_only`: the head runs on the masked positions only (what a sampler
+        needs: a visible token's logits are never used there)."""
         config = self.config
         masking = ids == config.mask_id
         _check_same_count(masking, "ids")
@@ -228,5 +232,6 @@ class ENAT(nn.Module):
                 decoded = block(decoded, c, memory, memory_mask)
         feat = _gather_rows(torch.cat([*visible, decoded.to(x.dtype)], dim=1), order.argsort(dim=1))
 
-        logits = self.head(self.final_norm(feat), self.token_embed.table.weight)
+        head_input = decoded.to(x.dtype) if masked_logits_only else feat
+        logits = self.head(self.final_norm(head_input), self.token_embed.table.weight)
         return ENATOutput(logits, feat, masking)
