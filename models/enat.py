@@ -44,8 +44,9 @@ class ReuseState(NamedTuple):
 
 
 class ENATOutput(NamedTuple):
-    """logits [B, L, codebook_size] for every position, feat [B, L, D] (token features
-    before the final norm) and masking [B, L] (True where the input was the mask id).
+    """logits [B, L, codebook_size] for every position (with `masked_logits_only`: [B, M,
+    codebook_size] for the M masked positions, in position order), feat [B, L, D] (token
+    features before the final norm) and masking [B, L] (True where the input was the mask id).
     Having `feat` and `masking`, it can be passed as the next step's `prev` as it is."""
 
     logits: Tensor
@@ -105,14 +106,9 @@ class ReuseProjection(nn.Module):
         return x + self.mlp(self.norm(x))
 
 
-def _take(x: Tensor, where: Tensor) -> Tensor:
-    """Rows of x [B, L, D] where `where` [B, L] is True, packed densely, in position order."""
-    return x[where].view(x.shape[0], -1, x.shape[-1])
-
-
-def _put(x: Tensor, where: Tensor, values: Tensor) -> Tensor:
-    """Inverse of `_take`: x with the selected rows replaced by `values`."""
-    return x.masked_scatter(where[..., None], values.to(x.dtype))
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, L, D] rows at `index` [B, N] (per batch row) -> [B, N, D]."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def _check_same_count(masking: Tensor, name: str) -> None:
@@ -183,45 +179,59 @@ class ENAT(nn.Module):
         return memory, torch.cat([context_mask, context_mask.new_ones(tokens.shape[:2])], dim=1)
 
     def forward(
-        self, ids: Tensor, cond: Condition, prev: ReuseState | ENATOutput | None = None
+        self, ids: Tensor, cond: Condition, prev: ReuseState | ENATOutput | None = None,
+        masked_logits_only: bool = False,
     ) -> ENATOutput:
+        """`masked_logits_only`: the head runs on the masked positions only (what a sampler
+        needs: a visible token's logits are never used there)."""
         config = self.config
         masking = ids == config.mask_id
         _check_same_count(masking, "ids")
-        encode, reuse = ~masking, None
+        reuse = None
         if prev is not None:
             if prev.masking.shape != masking.shape:
                 raise ValueError(f"prev.masking is {tuple(prev.masking.shape)}, ids are {tuple(ids.shape)}")
             if (masking & ~prev.masking).any():
                 raise ValueError("the masked tokens must be a subset of the previous step's masked tokens")
             _check_same_count(prev.masking, "prev.masking")
-            reuse = ~prev.masking
-            encode = ~masking & prev.masking  # revealed since the previous step
+            reuse = ~prev.masking  # the rest of the visible tokens was revealed since then
 
         cond = check_condition(cond, ids.shape[0], config.context_dim, config.context_len)
         if self.training and config.cond_dropout > 0:
             cond = drop_condition(cond, config.cond_dropout, config.null_class)
         c, context = self.embed_condition(cond)
         x = self.token_embed(ids)
-        feat = torch.zeros_like(x)
 
-        reused = None
+        # Positions sorted into groups, each in position order: reused (visible at the previous
+        # step), encoded (visible now, not reused), decoded (masked). One gather packs the
+        # groups and one gather restores position order at the end: four bool-mask index and
+        # scatter ops in the forward (and their backwards) cost more on CPUs.
+        group = torch.where(masking, 2, 1)
         if reuse is not None:
-            reused = self.reuse_proj(_take(prev.feat.detach(), reuse)).to(x.dtype)
-            feat = _put(feat, reuse, reused)
-        encoded = _take(x, encode)
-        if encoded.shape[1] > 0:
+            group = torch.where(reuse, 0, group)
+        order = group.argsort(dim=1, stable=True)
+        num_masked = int(masking[0].sum())
+        num_reused = 0 if reuse is None else int(reuse[0].sum())
+        num_encoded = ids.shape[1] - num_masked - num_reused
+        encoded, decoded = _gather_rows(x, order[:, num_reused:]).split([num_encoded, num_masked], dim=1)
+        reused = None
+        if reuse is not None:  # even on no rows: its parameters then get zero gradients, not None,
+            # which optimizers and ZeRO stages would treat differently
+            reused = self.reuse_proj(_gather_rows(prev.feat.detach(), order[:, :num_reused])).to(x.dtype)
+        if num_encoded > 0:
             memory, memory_mask = self._with_context(reused, context)
             for block in self.encoder_blocks:
                 encoded = block(encoded, c, memory, memory_mask)
-        feat = _put(feat, encode, encoded)
-
-        decoded = _take(x, masking)
-        if decoded.shape[1] > 0:
-            memory, memory_mask = self._with_context(_take(feat, ~masking), context)
+        # The decoder's memory is every visible token, reused ones first (attention does not
+        # depend on the order of its keys); parts without rows stay, as above.
+        visible = [part.to(x.dtype) for part in (reused, encoded) if part is not None]
+        if num_masked > 0:
+            memory = torch.cat(visible, dim=1) if len(visible) > 1 else visible[0]
+            memory, memory_mask = self._with_context(memory, context)
             for block in self.decoder_blocks:
                 decoded = block(decoded, c, memory, memory_mask)
-        feat = _put(feat, masking, decoded)
+        feat = _gather_rows(torch.cat([*visible, decoded.to(x.dtype)], dim=1), order.argsort(dim=1))
 
-        logits = self.head(self.final_norm(feat), self.token_embed.table.weight)
+        head_input = decoded.to(x.dtype) if masked_logits_only else feat
+        logits = self.head(self.final_norm(head_input), self.token_embed.table.weight)
         return ENATOutput(logits, feat, masking)

@@ -59,14 +59,18 @@ def generate(model: nn.Module, cond: Condition, strategy: Strategy, generator: t
     ids = torch.full((batch, length), mask_id, dtype=torch.long, device=device)
     previous = None
     for step, masked_after in enumerate(strategy.masked_counts(length)):
-        is_masked = ids == mask_id
+        # The masked positions of each row (every row masks the same count), ascending: the
+        # sampling below runs on these only, and ENAT's head too.
+        positions = (ids == mask_id).nonzero()[:, 1].view(batch, -1)
         inputs = torch.cat([ids, ids]) if guided else ids
         if is_enat:
-            output = model(inputs, model_cond, previous if reuse else None)
+            output = model(inputs, model_cond, previous if reuse else None, masked_logits_only=True)
             logits, previous = output.logits, output.reuse_state()
         else:
             logits = model(inputs, model_cond)
-        logits = logits.float()
+            rows = torch.cat([positions, positions]) if guided else positions
+            logits = logits.gather(1, rows[..., None].expand(-1, -1, logits.shape[-1]))
+        logits = logits.float()  # [B (x2 with CFG), M, V]
         if guided:
             cond_logits, uncond_logits = logits.chunk(2)
             logits = cond_logits + strategy.cfg_scales[step] * (cond_logits - uncond_logits)
@@ -74,14 +78,13 @@ def generate(model: nn.Module, cond: Condition, strategy: Strategy, generator: t
         # Gumbel-max sampling == Categorical(logits / temperature).
         temperature = max(strategy.sample_temperatures[step], 1e-4)
         sampled = (logits / temperature + _gumbel(logits.shape, generator, device)).argmax(dim=-1)
-        ids = torch.where(is_masked, sampled, ids)
+        ids = ids.scatter(1, positions, sampled)
         if masked_after == 0:
             break
 
-        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, sampled[..., None]).squeeze(-1)
         noise = strategy.mask_temperatures[step] * _gumbel(log_probs.shape, generator, device)
-        confidence = torch.where(is_masked, log_probs + noise, torch.full_like(log_probs, torch.inf))
-        remask = confidence.topk(masked_after, dim=-1, largest=False).indices
-        ids = ids.scatter(1, remask, mask_id)
+        remask = (log_probs + noise).topk(masked_after, dim=-1, largest=False).indices
+        ids = ids.scatter(1, positions.gather(1, remask), mask_id)
     height, width = config.grid_shape
     return ids.view(batch, height, width)

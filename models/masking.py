@@ -59,5 +59,11 @@ def previous_step_input(masked_ids: Tensor, mask: Tensor, mask_id: int, generato
 
 
 def masked_token_loss(logits: Tensor, targets: Tensor, mask: Tensor, label_smoothing: float) -> Tensor:
-    """Cross-entropy over masked positions only (visible ones carry no loss)."""
-    return F.cross_entropy(logits[mask].float(), targets[mask], label_smoothing=label_smoothing)
+    """Cross-entropy over masked positions only (visible ones carry no loss).
+
+    The masked rows are picked with index_select: its backward is an index_add, where a
+    bool-mask index (logits[mask]) has a sorting accumulate that cost ~9 ms per ENAT-S
+    step at batch 16 on this CPU."""
+    positions = mask.flatten().nonzero().squeeze(1)
+    picked = logits.flatten(0, 1).index_select(0, positions)
+    return F.cross_entropy(picked.float(), targets.flatten()[positions], label_smoothing=label_smoothing)
