@@ -23,16 +23,43 @@ from enat.trainer.config import TrainConfig
 @dataclass
 class LaunchConfig:
     launcher: Literal["auto", "ray", "process"] = "auto"  # auto: process under torchrun, else ray
-    num_workers: int = 2
+    # N workers, or "MIN-MAX": elastic, Ray Train runs as many as the cluster has room for
+    # (at least MIN) and restarts the group, from the last checkpoint, as nodes go and come.
+    num_workers: int | str = 2
+    resize_check_s: float = 60.0  # elastic: how often a running group looks for room to grow
     cpus_per_worker: float = 1.0
     use_gpu: Literal["auto", "yes", "no"] = "auto"  # auto: when the Ray cluster has GPUs
-    max_failures: int = 1  # worker failures Ray recovers from (each restart resumes)
+    # Worker-group failures Ray recovers from (each restart resumes). A node lost without a
+    # preemption notice counts as one: elastic runs on preemptible nodes want -1 or many.
+    max_failures: int = 1
     ray_storage: str = ""  # Ray's bookkeeping; "" = {root}/runs/<run>/ray
 
     def __post_init__(self) -> None:
-        check(self.num_workers >= 1, "launch.num_workers", ">= 1", self.num_workers)
-        check(self.cpus_per_worker > 0, "launch.cpus_per_worker", "> 0", self.cpus_per_worker)
-        check(self.max_failures >= -1, "launch.max_failures", ">= -1 (-1: unlimited)", self.max_failures)
+        low, high = self.worker_range
+        check(low >= 1, "num_workers", ">= 1", self.num_workers)
+        check(low <= high, "num_workers", "MIN-MAX with MIN <= MAX", self.num_workers)
+        check(self.resize_check_s > 0, "resize_check_s", "> 0", self.resize_check_s)
+        check(self.cpus_per_worker > 0, "cpus_per_worker", "> 0", self.cpus_per_worker)
+        check(self.max_failures >= -1, "max_failures", ">= -1 (-1: unlimited)", self.max_failures)
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(MIN, MAX) workers: both N for a plain number."""
+        if isinstance(self.num_workers, int):
+            return self.num_workers, self.num_workers
+        low, sep, high = self.num_workers.partition("-")
+        check(bool(sep) and low.strip().isdigit() and high.strip().isdigit(), "num_workers",
+              "a number of workers or MIN-MAX (e.g. 2-8)", self.num_workers)
+        return int(low), int(high)
+
+    @property
+    def min_workers(self) -> int:
+        return self.worker_range[0]
+
+    @property
+    def elastic(self) -> bool:
+        low, high = self.worker_range
+        return low < high
 
 
 @dataclass
@@ -74,15 +101,15 @@ class TrainSearchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check(self.trials >= 1, "search.trials", ">= 1", self.trials)
-        check(self.grace_steps >= 1, "search.grace_steps", ">= 1", self.grace_steps)
-        check(self.max_steps >= self.grace_steps, "search.max_steps", ">= search.grace_steps", self.max_steps)
-        check(self.reduction_factor >= 2, "search.reduction_factor", ">= 2", self.reduction_factor)
-        check(self.concurrency >= 1, "search.concurrency", ">= 1", self.concurrency)
-        check(self.validation_samples >= 1, "search.validation_samples", ">= 1", self.validation_samples)
+        check(self.trials >= 1, "trials", ">= 1", self.trials)
+        check(self.grace_steps >= 1, "grace_steps", ">= 1", self.grace_steps)
+        check(self.max_steps >= self.grace_steps, "max_steps", ">= search.grace_steps", self.max_steps)
+        check(self.reduction_factor >= 2, "reduction_factor", ">= 2", self.reduction_factor)
+        check(self.concurrency >= 1, "concurrency", ">= 1", self.concurrency)
+        check(self.validation_samples >= 1, "validation_samples", ">= 1", self.validation_samples)
         for key in ("beta_a", "beta_b", "lr"):
             low, high = getattr(self, key)
-            check(0 < low <= high, f"search.{key}", "[low, high] with 0 < low <= high", getattr(self, key))
+            check(0 < low <= high, key, "[low, high] with 0 < low <= high", getattr(self, key))
 
     def rungs(self) -> list[int]:
         """The steps at which ASHA compares trials (trials checkpoint and report there)."""
@@ -104,3 +131,6 @@ class TrainSearchJob(TrainJob):
         super().__post_init__()
         if self.eval.watch:
             raise ConfigError("eval.watch is not available in search-train: evaluate the best setting's run")
+        if self.launch.elastic:
+            raise ConfigError(f"launch.num_workers={self.launch.num_workers}: search-train trials run "
+                              f"a fixed number of workers; give one number")

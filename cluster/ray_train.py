@@ -17,6 +17,7 @@ import ray.train
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from enat.cluster.jobs import LaunchConfig
 from enat.cluster.ray_session import cluster_has_gpus
 from enat.trainer.config import TrainConfig
 
@@ -49,6 +50,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from enat.trainer.loop import train
 
     config: TrainConfig = loop_config["config"]
+    context = ray.train.get_context()
+    if context.get_world_rank() == 0:  # every start of a group, resizes of an elastic run included
+        print(f"train: worker group of {context.get_world_size()} started (launch.num_workers="
+              f"{loop_config['num_workers']})", flush=True)
 
     def report(step: int, url: str, metrics: dict[str, float]) -> None:
         ray.train.report({"step": step, "checkpoint_url": url, **metrics})
@@ -56,18 +61,26 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     train(config, until_step=loop_config.get("until_step"), on_checkpoint=report)
 
 
-def build_torch_trainer(loop_config: TrainConfig, run_name: str, storage_path: str,
-                        storage_filesystem: Any, *, num_workers: int, cpus_per_worker: float,
-                        use_gpu: bool, max_failures: int, until_step: int | None = None) -> TorchTrainer:
-    """A TorchTrainer running `train_worker` on `num_workers` workers (gloo on CPU, NCCL on
-    GPUs), restarted up to `max_failures` times; Ray's bookkeeping goes under
-    `storage_path`/`run_name` (see ray_storage)."""
+def build_torch_trainer(loop_config: TrainConfig, run_name: str, storage_path: str, storage_filesystem: Any,
+                        launch: LaunchConfig, *, use_gpu: bool,
+                        until_step: int | None = None) -> TorchTrainer:
+    """A TorchTrainer running `train_worker` on `launch.num_workers` workers (gloo on CPU,
+    NCCL on GPUs), restarted up to `launch.max_failures` times; Ray's bookkeeping goes under
+    `storage_path`/`run_name` (see ray_storage).
+
+    MIN-MAX workers make it elastic: Ray starts as many as fit (at least MIN), restarts the
+    group with those left when a node is lost (one failure), and every `resize_check_s`
+    seconds restarts it larger when room has come back (not a failure). Each restart is a
+    new run of the loop, which resumes from the last checkpoint whatever the world size."""
+    low, high = launch.worker_range
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": loop_config, "until_step": until_step},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+        train_loop_config={"config": loop_config, "until_step": until_step,
+                           "num_workers": launch.num_workers},
+        scaling_config=ScalingConfig(num_workers=(low, high) if launch.elastic else low, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": launch.cpus_per_worker},
+                                     elastic_resize_monitor_interval_s=launch.resize_check_s),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(max_failures=launch.max_failures)),
     )

@@ -147,3 +147,37 @@ def test_a_model_section_is_a_union_keyed_by_kind_and_may_name_a_preset(tmp_path
         load_config(TrainJob, str(preset), ["model.kind=gan"])
     with pytest.raises(ConfigError, match="bad value for 'kind': expected one of 'nat', got 'enat'"):
         from_dict(NATConfig, {"kind": "enat"})
+
+
+@pytest.mark.parametrize("value, workers, elastic", [("3", (3, 3), False), ("1-4", (1, 4), True),
+                                                     ("2-2", (2, 2), False)])
+def test_launch_num_workers_is_a_number_or_an_elastic_range(value, workers, elastic):
+    from enat.cluster.jobs import TrainJob
+
+    job = load_config(TrainJob, "tiny-enat-demo", [f"launch.num_workers={value}"], preset_folder="train")
+    launch = job.launch
+    assert (launch.worker_range, launch.min_workers, launch.elastic) == (workers, workers[0], elastic)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["launch.num_workers=0"], "'launch.num_workers': must be >= 1, got 0"),
+    (["launch.num_workers=0-2"], "'launch.num_workers': must be >= 1, got '0-2'"),
+    (["launch.num_workers=4-2"], "'launch.num_workers': must be MIN-MAX with MIN <= MAX, got '4-2'"),
+    (["launch.num_workers=two"], "'launch.num_workers': must be a number of workers or MIN-MAX"),
+    (["launch.num_workers=1-2-3"], "'launch.num_workers': must be a number of workers or MIN-MAX"),
+    (["launch.num_workers=1.5"], "'launch.num_workers': expected int or str"),
+    (["launch.resize_check_s=0"], "'launch.resize_check_s': must be > 0"),
+])
+def test_bad_launch_workers_are_one_line_naming_the_key(overrides, message):
+    from enat.cluster.jobs import TrainJob
+
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainJob, "tiny-enat-demo", overrides, preset_folder="train")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_search_train_refuses_an_elastic_worker_range():
+    from enat.cluster.jobs import TrainSearchJob
+
+    with pytest.raises(ConfigError, match="launch.num_workers=1-2: search-train trials run a fixed number"):
+        load_config(TrainSearchJob, "tiny-enat-demo", ["launch.num_workers=1-2"], preset_folder="train")
