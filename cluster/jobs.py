@@ -11,7 +11,8 @@ object. No torch here: `enat train --help` must not load it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from enat.evaluation.config import WatchConfig
@@ -19,47 +20,41 @@ from enat.models.typed_config import ConfigError, check, narrow
 from enat.pipelines.config import LeaseConfig
 from enat.trainer.config import TrainConfig
 
+WORKER_RANGE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
+
 
 @dataclass
 class LaunchConfig:
     launcher: Literal["auto", "ray", "process"] = "auto"  # auto: process under torchrun, else ray
-    # N workers, or "MIN-MAX": elastic, Ray Train runs as many as the cluster has room for
-    # (at least MIN) and restarts the group, from the last checkpoint, as nodes go and come.
+    # A number, or MIN-MAX for an elastic run: Ray Train runs it on as many workers as fit
+    # (at least MIN), continues on fewer when a node goes away and grows back when it returns.
     num_workers: int | str = 2
-    resize_check_s: float = 60.0  # elastic: how often a running group looks for room to grow
+    resize_check_s: float = 60.0  # elastic: seconds between Ray's looks for room to grow
     cpus_per_worker: float = 1.0
     use_gpu: Literal["auto", "yes", "no"] = "auto"  # auto: when the Ray cluster has GPUs
-    # Worker-group failures Ray recovers from (each restart resumes). A node lost without a
-    # preemption notice counts as one: elastic runs on preemptible nodes want -1 or many.
-    max_failures: int = 1
+    max_failures: int = 1  # worker failures Ray recovers from (each restart resumes); -1: no limit
     ray_storage: str = ""  # Ray's bookkeeping; "" = {root}/runs/<run>/ray
-
-    def __post_init__(self) -> None:
-        low, high = self.worker_range
-        check(low >= 1, "num_workers", ">= 1", self.num_workers)
-        check(low <= high, "num_workers", "MIN-MAX with MIN <= MAX", self.num_workers)
-        check(self.resize_check_s > 0, "resize_check_s", "> 0", self.resize_check_s)
-        check(self.cpus_per_worker > 0, "cpus_per_worker", "> 0", self.cpus_per_worker)
-        check(self.max_failures >= -1, "max_failures", ">= -1 (-1: unlimited)", self.max_failures)
 
     @property
     def worker_range(self) -> tuple[int, int]:
-        """(MIN, MAX) workers: both N for a plain number."""
+        """(fewest, most) workers; equal unless the run is elastic."""
         if isinstance(self.num_workers, int):
             return self.num_workers, self.num_workers
-        low, sep, high = self.num_workers.partition("-")
-        check(bool(sep) and low.strip().isdigit() and high.strip().isdigit(), "num_workers",
-              "a number of workers or MIN-MAX (e.g. 2-8)", self.num_workers)
-        return int(low), int(high)
-
-    @property
-    def min_workers(self) -> int:
-        return self.worker_range[0]
+        found = WORKER_RANGE.fullmatch(self.num_workers)
+        check(found is not None, "num_workers", "a number or MIN-MAX (e.g. 2-8)", self.num_workers)
+        return int(found[1]), int(found[2])
 
     @property
     def elastic(self) -> bool:
         low, high = self.worker_range
-        return low < high
+        return low != high
+
+    def __post_init__(self) -> None:
+        low, high = self.worker_range
+        check(1 <= low <= high, "num_workers", ">= 1 (MIN-MAX: 1 <= MIN <= MAX)", self.num_workers)
+        check(self.resize_check_s > 0, "resize_check_s", "> 0", self.resize_check_s)
+        check(self.cpus_per_worker > 0, "cpus_per_worker", "> 0", self.cpus_per_worker)
+        check(self.max_failures >= -1, "max_failures", ">= -1 (-1: unlimited)", self.max_failures)
 
 
 @dataclass
@@ -82,8 +77,14 @@ class TrainJob(TrainConfig):
     lease: LeaseConfig = field(default_factory=LeaseConfig)  # one job per run
 
     def loop_config(self) -> TrainConfig:
-        """The part the workers run: the job without its driver-only sections."""
-        return narrow(self, TrainConfig)
+        """The part the workers run: the job without its driver-only sections. An elastic run's
+        global batch is that of its largest size unless set: every size then keeps it by
+        choosing grad_accum (trainer/resume.py)."""
+        config = narrow(self, TrainConfig)
+        if self.launch.elastic and not config.global_batch:
+            most = self.launch.worker_range[1]
+            config = replace(config, global_batch=self.batch_size * self.grad_accum * most)
+        return config
 
 
 @dataclass
@@ -131,6 +132,5 @@ class TrainSearchJob(TrainJob):
         super().__post_init__()
         if self.eval.watch:
             raise ConfigError("eval.watch is not available in search-train: evaluate the best setting's run")
-        if self.launch.elastic:
-            raise ConfigError(f"launch.num_workers={self.launch.num_workers}: search-train trials run "
-                              f"a fixed number of workers; give one number")
+        check(not self.launch.elastic, "launch.num_workers", "one number in search-train (its trials are "
+              "short runs of a fixed size)", self.launch.num_workers)

@@ -17,7 +17,6 @@ import ray.train
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from enat.cluster.jobs import LaunchConfig
 from enat.cluster.ray_session import cluster_has_gpus
 from enat.trainer.config import TrainConfig
 
@@ -50,10 +49,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from enat.trainer.loop import train
 
     config: TrainConfig = loop_config["config"]
-    context = ray.train.get_context()
-    if context.get_world_rank() == 0:  # every start of a group, resizes of an elastic run included
-        print(f"train: worker group of {context.get_world_size()} started (launch.num_workers="
-              f"{loop_config['num_workers']})", flush=True)
 
     def report(step: int, url: str, metrics: dict[str, float]) -> None:
         ray.train.report({"step": step, "checkpoint_url": url, **metrics})
@@ -61,26 +56,26 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     train(config, until_step=loop_config.get("until_step"), on_checkpoint=report)
 
 
-def build_torch_trainer(loop_config: TrainConfig, run_name: str, storage_path: str, storage_filesystem: Any,
-                        launch: LaunchConfig, *, use_gpu: bool,
-                        until_step: int | None = None) -> TorchTrainer:
-    """A TorchTrainer running `train_worker` on `launch.num_workers` workers (gloo on CPU,
-    NCCL on GPUs), restarted up to `launch.max_failures` times; Ray's bookkeeping goes under
+def build_torch_trainer(loop_config: TrainConfig, run_name: str, storage_path: str,
+                        storage_filesystem: Any, *, num_workers: int | tuple[int, int],
+                        cpus_per_worker: float, use_gpu: bool, max_failures: int,
+                        until_step: int | None = None, resize_check_s: float = 60.0) -> TorchTrainer:
+    """A TorchTrainer running `train_worker` on `num_workers` workers (gloo on CPU, NCCL on
+    GPUs), restarted up to `max_failures` times; Ray's bookkeeping goes under
     `storage_path`/`run_name` (see ray_storage).
 
-    MIN-MAX workers make it elastic: Ray starts as many as fit (at least MIN), restarts the
-    group with those left when a node is lost (one failure), and every `resize_check_s`
-    seconds restarts it larger when room has come back (not a failure). Each restart is a
-    new run of the loop, which resumes from the last checkpoint whatever the world size."""
-    low, high = launch.worker_range
+    `num_workers=(min, max)` is Ray Train's elastic mode: it starts on as many workers as
+    the cluster fits, restarts on the survivors when a worker or node is lost, and every
+    `resize_check_s` seconds restarts on more when resources have come back. Every restart
+    reruns the loop, which resumes from the run's latest checkpoint on the new number of
+    workers (trainer/resume.py)."""
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": loop_config, "until_step": until_step,
-                           "num_workers": launch.num_workers},
-        scaling_config=ScalingConfig(num_workers=(low, high) if launch.elastic else low, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": launch.cpus_per_worker},
-                                     elastic_resize_monitor_interval_s=launch.resize_check_s),
+        train_loop_config={"config": loop_config, "until_step": until_step},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker},
+                                     elastic_resize_monitor_interval_s=resize_check_s),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                             failure_config=FailureConfig(max_failures=launch.max_failures)),
+                             failure_config=FailureConfig(max_failures=max_failures)),
     )

@@ -55,12 +55,14 @@ def _trial(params: dict[str, Any]) -> None:
     from enat.pipelines import runs
 
     job: TrainSearchJob = params["job"]
-    launch = job.launch
+    search, launch = job.search, job.launch
     config = trial_config(job, params, ray.tune.get_context().get_trial_id())
     storage_path, storage_fs = ray_storage(params["storage"])
-    for rung in job.search.rungs():
-        trainer = build_torch_trainer(config, f"{config.run}-to-{rung}", storage_path, storage_fs, launch,
-                                      use_gpu=params["use_gpu"], until_step=rung)
+    for rung in search.rungs():
+        trainer = build_torch_trainer(
+            config, f"{config.run}-to-{rung}", storage_path, storage_fs,
+            num_workers=launch.worker_range[1], cpus_per_worker=launch.cpus_per_worker,
+            use_gpu=params["use_gpu"], max_failures=launch.max_failures, until_step=rung)
         trainer.fit()
         reached = runs.latest(config.root, config.run)  # its marker holds the metrics
         ray.tune.report({"step": reached.step, "val_loss": reached.meta["metrics"]["val_loss"],
@@ -82,7 +84,7 @@ def run_search_train(job: TrainSearchJob) -> dict[str, Any]:
     storage.check_writable(experiment_url)
     # A local Ray gets one trial_slot per concurrent trial; a cluster's nodes declare theirs
     # (see the README), and a Ray the caller started must have them.
-    wanted = search.concurrency * launch.min_workers * launch.cpus_per_worker  # a fixed number (jobs.py)
+    wanted = search.concurrency * launch.worker_range[1] * launch.cpus_per_worker
     # The experiment's lease covers its trials' runs (<name>-<trial>): only it writes them.
     lease = runs.run_lease(job.root, search.name, new_owner("search-train"), job.lease)
     with lease.held(), ray_session(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)),

@@ -2,10 +2,8 @@
 
 With Ray (the default), a TorchTrainer runs `launch.num_workers` copies of the loop; Ray
 creates the process group (gloo on CPU, NCCL on GPUs) and restarts the workers up to
-`launch.max_failures` times when one dies. `launch.num_workers=MIN-MAX` is elastic: the
-group runs on as many workers as the cluster has room for and is restarted smaller or
-larger as nodes go and come (cluster/ray_train.py). A restart simply reruns the loop,
-which resumes from the run's latest complete checkpoint in our storage: Ray never holds our checkpoints
+`launch.max_failures` times when one dies. A restart simply reruns the loop, which resumes
+from the run's latest complete checkpoint in our storage: Ray never holds our checkpoints
 (it gets the checkpoint URL in each report), so the same checkpoints serve Ray restarts,
 torchrun reruns and evaluation. Ray's own bookkeeping (RunConfig storage) goes under the
 same root, {root}/runs/<run>/ray, or `launch.ray_storage`. The local Ray is the default;
@@ -63,19 +61,18 @@ def run_on_ray(config: TrainConfig, launch: LaunchConfig, evals: TrainEvalConfig
     from enat.pipelines import runs
 
     watching = evals is not None and evals.watch
-    # An elastic run starts with MIN workers when that is all there is room for.
-    wanted = launch.min_workers * launch.cpus_per_worker + (evals.num_cpus if watching else 0)
+    low, high = launch.worker_range
+    wanted = high * launch.cpus_per_worker + (evals.num_cpus if watching else 0)
     run_url = runs.run_url(config.root, config.run)
     with ray_session(max(os.cpu_count() or 1, math.ceil(wanted))):
         watcher = BackgroundWatch(evals, run_url).start() if watching else None
         try:
             storage_path, storage_fs = ray_storage(launch.ray_storage or f"{run_url}/ray")
-            trainer = build_torch_trainer(config, config.run, storage_path, storage_fs, launch,
-                                          use_gpu=resolve_use_gpu(launch.use_gpu))
-            if launch.elastic:
-                print(f"train: elastic, {launch.num_workers} workers: a lost node restarts the group on the "
-                      f"workers left, room checked every {launch.resize_check_s:g} s grows it back, each "
-                      f"from the last checkpoint", file=sys.stderr, flush=True)
+            trainer = build_torch_trainer(
+                config, config.run, storage_path, storage_fs,
+                num_workers=(low, high) if launch.elastic else low,
+                cpus_per_worker=launch.cpus_per_worker, use_gpu=resolve_use_gpu(launch.use_gpu),
+                max_failures=launch.max_failures, resize_check_s=launch.resize_check_s)
             return trainer.fit()
         finally:
             if watcher is not None:

@@ -149,35 +149,42 @@ def test_a_model_section_is_a_union_keyed_by_kind_and_may_name_a_preset(tmp_path
         from_dict(NATConfig, {"kind": "enat"})
 
 
-@pytest.mark.parametrize("value, workers, elastic", [("3", (3, 3), False), ("1-4", (1, 4), True),
-                                                     ("2-2", (2, 2), False)])
-def test_launch_num_workers_is_a_number_or_an_elastic_range(value, workers, elastic):
-    from enat.cluster.jobs import TrainJob
+def test_num_workers_takes_a_number_or_an_elastic_range():
+    from enat.cluster.jobs import TrainJob, TrainSearchJob
 
-    job = load_config(TrainJob, "tiny-enat-demo", [f"launch.num_workers={value}"], preset_folder="train")
-    launch = job.launch
-    assert (launch.worker_range, launch.min_workers, launch.elastic) == (workers, workers[0], elastic)
+    fixed = load_config(TrainJob, "train/tiny-enat-demo", ["launch.num_workers=3"])
+    assert fixed.launch.worker_range == (3, 3) and not fixed.launch.elastic
+    assert fixed.loop_config().global_batch == 0  # set at the run's first start
+    elastic = load_config(TrainJob, "train/tiny-enat-demo",
+                          ["launch.num_workers=2-8", "batch_size=16", "grad_accum=2"])
+    assert elastic.launch.worker_range == (2, 8) and elastic.launch.elastic
+    assert elastic.loop_config().global_batch == 16 * 2 * 8  # the largest size's: every size keeps it
+    for bad in ("8-2", "0-2", "two", "2-"):
+        with pytest.raises(ConfigError, match="launch.num_workers"):
+            load_config(TrainJob, "train/tiny-enat-demo", [f"launch.num_workers={bad}"])
+    with pytest.raises(ConfigError, match="one number in search-train"):
+        load_config(TrainSearchJob, "train/tiny-enat-demo", ["launch.num_workers=1-2"])
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["launch.num_workers=0"], "'launch.num_workers': must be >= 1, got 0"),
-    (["launch.num_workers=0-2"], "'launch.num_workers': must be >= 1, got '0-2'"),
-    (["launch.num_workers=4-2"], "'launch.num_workers': must be MIN-MAX with MIN <= MAX, got '4-2'"),
-    (["launch.num_workers=two"], "'launch.num_workers': must be a number of workers or MIN-MAX"),
-    (["launch.num_workers=1-2-3"], "'launch.num_workers': must be a number of workers or MIN-MAX"),
-    (["launch.num_workers=1.5"], "'launch.num_workers': expected int or str"),
-    (["launch.resize_check_s=0"], "'launch.resize_check_s': must be > 0"),
+    (["launch.num_workers=0"], "bad value for 'launch.num_workers': must be >= 1"),
+    (["launch.num_workers=4-2"], "bad value for 'launch.num_workers': must be >= 1 (MIN-MAX: 1 <= MIN"),
+    (["launch.num_workers=1-2-3"], "bad value for 'launch.num_workers': must be a number or MIN-MAX"),
+    (["launch.num_workers=1.5"], "bad value for 'launch.num_workers': expected int or str"),
+    (["launch.resize_check_s=0"], "bad value for 'launch.resize_check_s': must be > 0"),
 ])
-def test_bad_launch_workers_are_one_line_naming_the_key(overrides, message):
+def test_bad_launch_settings_are_one_line_naming_the_key_once(overrides, message):
     from enat.cluster.jobs import TrainJob
 
     with pytest.raises(ConfigError) as info:
-        load_config(TrainJob, "tiny-enat-demo", overrides, preset_folder="train")
+        load_config(TrainJob, "train/tiny-enat-demo", overrides)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_search_train_refuses_an_elastic_worker_range():
+def test_bad_search_settings_name_the_key_once():
     from enat.cluster.jobs import TrainSearchJob
 
-    with pytest.raises(ConfigError, match="launch.num_workers=1-2: search-train trials run a fixed number"):
-        load_config(TrainSearchJob, "tiny-enat-demo", ["launch.num_workers=1-2"], preset_folder="train")
+    with pytest.raises(ConfigError, match=r"^bad value for 'search.trials': must be >= 1"):
+        load_config(TrainSearchJob, "train/tiny-enat-demo", ["search.trials=0"])
+    with pytest.raises(ConfigError, match=r"^bad value for 'launch.num_workers': must be one number"):
+        load_config(TrainSearchJob, "train/tiny-enat-demo", ["launch.num_workers=1-2"])

@@ -93,7 +93,8 @@ def find_start(config: TrainConfig, model: dict) -> Start:
               f"workers at ZeRO-{target.meta['zero_stage']})", flush=True)
         if (global_batch, target.meta["world_size"]) != (saved["global_batch"], world) \
                 or grad_accum != config.grad_accum:
-            print(f"global batch {global_batch} (was {saved['global_batch']}) on {world} workers: "
-                  f"grad_accum {grad_accum} x batch_size {config.batch_size} per worker", flush=True)
+            changed = f" (was {saved['global_batch']})" if global_batch != saved["global_batch"] else ""
+            print(f"global batch {global_batch}{changed} on {world} workers: grad_accum {grad_accum} x "
+                  f"batch_size {config.batch_size} per worker", flush=True)
     return Start(target if restored else None, restored, restored.step if restored else 0,
                  saved.get("samples", 0), global_batch, grad_accum)
