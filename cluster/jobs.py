@@ -41,7 +41,7 @@ class LaunchConfig:
         if isinstance(self.num_workers, int):
             return self.num_workers, self.num_workers
         found = WORKER_RANGE.fullmatch(self.num_workers)
-        check(found is not None, "launch.num_workers", "a number or MIN-MAX (e.g. 2-8)", self.num_workers)
+        check(found is not None, "num_workers", "a number or MIN-MAX (e.g. 2-8)", self.num_workers)
         return int(found[1]), int(found[2])
 
     @property
@@ -51,10 +51,10 @@ class LaunchConfig:
 
     def __post_init__(self) -> None:
         low, high = self.worker_range
-        check(1 <= low <= high, "launch.num_workers", ">= 1 (MIN-MAX: 1 <= MIN <= MAX)", self.num_workers)
-        check(self.resize_check_s > 0, "launch.resize_check_s", "> 0", self.resize_check_s)
-        check(self.cpus_per_worker > 0, "launch.cpus_per_worker", "> 0", self.cpus_per_worker)
-        check(self.max_failures >= -1, "launch.max_failures", ">= -1 (-1: unlimited)", self.max_failures)
+        check(1 <= low <= high, "num_workers", ">= 1 (MIN-MAX: 1 <= MIN <= MAX)", self.num_workers)
+        check(self.resize_check_s > 0, "resize_check_s", "> 0", self.resize_check_s)
+        check(self.cpus_per_worker > 0, "cpus_per_worker", "> 0", self.cpus_per_worker)
+        check(self.max_failures >= -1, "max_failures", ">= -1 (-1: unlimited)", self.max_failures)
 
 
 @dataclass
@@ -102,15 +102,15 @@ class TrainSearchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check(self.trials >= 1, "search.trials", ">= 1", self.trials)
-        check(self.grace_steps >= 1, "search.grace_steps", ">= 1", self.grace_steps)
-        check(self.max_steps >= self.grace_steps, "search.max_steps", ">= search.grace_steps", self.max_steps)
-        check(self.reduction_factor >= 2, "search.reduction_factor", ">= 2", self.reduction_factor)
-        check(self.concurrency >= 1, "search.concurrency", ">= 1", self.concurrency)
-        check(self.validation_samples >= 1, "search.validation_samples", ">= 1", self.validation_samples)
+        check(self.trials >= 1, "trials", ">= 1", self.trials)
+        check(self.grace_steps >= 1, "grace_steps", ">= 1", self.grace_steps)
+        check(self.max_steps >= self.grace_steps, "max_steps", ">= search.grace_steps", self.max_steps)
+        check(self.reduction_factor >= 2, "reduction_factor", ">= 2", self.reduction_factor)
+        check(self.concurrency >= 1, "concurrency", ">= 1", self.concurrency)
+        check(self.validation_samples >= 1, "validation_samples", ">= 1", self.validation_samples)
         for key in ("beta_a", "beta_b", "lr"):
             low, high = getattr(self, key)
-            check(0 < low <= high, f"search.{key}", "[low, high] with 0 < low <= high", getattr(self, key))
+            check(0 < low <= high, key, "[low, high] with 0 < low <= high", getattr(self, key))
 
     def rungs(self) -> list[int]:
         """The steps at which ASHA compares trials (trials checkpoint and report there)."""

@@ -164,3 +164,27 @@ def test_num_workers_takes_a_number_or_an_elastic_range():
             load_config(TrainJob, "train/tiny-enat-demo", [f"launch.num_workers={bad}"])
     with pytest.raises(ConfigError, match="one number in search-train"):
         load_config(TrainSearchJob, "train/tiny-enat-demo", ["launch.num_workers=1-2"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["launch.num_workers=0"], "bad value for 'launch.num_workers': must be >= 1"),
+    (["launch.num_workers=4-2"], "bad value for 'launch.num_workers': must be >= 1 (MIN-MAX: 1 <= MIN"),
+    (["launch.num_workers=1-2-3"], "bad value for 'launch.num_workers': must be a number or MIN-MAX"),
+    (["launch.num_workers=1.5"], "bad value for 'launch.num_workers': expected int or str"),
+    (["launch.resize_check_s=0"], "bad value for 'launch.resize_check_s': must be > 0"),
+])
+def test_bad_launch_settings_are_one_line_naming_the_key_once(overrides, message):
+    from enat.cluster.jobs import TrainJob
+
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainJob, "train/tiny-enat-demo", overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_search_settings_name_the_key_once():
+    from enat.cluster.jobs import TrainSearchJob
+
+    with pytest.raises(ConfigError, match=r"^bad value for 'search.trials': must be >= 1"):
+        load_config(TrainSearchJob, "train/tiny-enat-demo", ["search.trials=0"])
+    with pytest.raises(ConfigError, match=r"^bad value for 'launch.num_workers': must be one number"):
+        load_config(TrainSearchJob, "train/tiny-enat-demo", ["launch.num_workers=1-2"])
