@@ -172,8 +172,10 @@ def test_num_workers_takes_a_number_or_an_elastic_range():
     (["launch.num_workers=1-2-3"], "bad value for 'launch.num_workers': must be a number or MIN-MAX"),
     (["launch.num_workers=1.5"], "bad value for 'launch.num_workers': expected int or str"),
     (["launch.resize_check_s=0"], "bad value for 'launch.resize_check_s': must be > 0"),
+    (["data.readers=0"], "bad value for 'data.readers': must be >= 1"),
+    (["validation.samples=-1"], "bad value for 'validation.samples': must be >= 0"),
 ])
-def test_bad_launch_settings_are_one_line_naming_the_key_once(overrides, message):
+def test_bad_job_settings_are_one_line_naming_the_key_once(overrides, message):
     from enat.cluster.jobs import TrainJob
 
     with pytest.raises(ConfigError) as info:

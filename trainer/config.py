@@ -33,10 +33,10 @@ class DataConfig:
     verify_sha256: bool = True  # skip shards whose bytes differ from the manifest's sha256
 
     def __post_init__(self) -> None:
-        check(self.shuffle_window >= 1, "data.shuffle_window", ">= 1", self.shuffle_window)
-        check(self.readers >= 1, "data.readers", ">= 1", self.readers)
-        check(self.prefetch >= 1, "data.prefetch", ">= 1", self.prefetch)
-        check(0.0 <= self.flip_prob <= 1.0, "data.flip_prob", "in [0, 1]", self.flip_prob)
+        check(self.shuffle_window >= 1, "shuffle_window", ">= 1", self.shuffle_window)
+        check(self.readers >= 1, "readers", ">= 1", self.readers)
+        check(self.prefetch >= 1, "prefetch", ">= 1", self.prefetch)
+        check(0.0 <= self.flip_prob <= 1.0, "flip_prob", "in [0, 1]", self.flip_prob)
 
 
 @dataclass
@@ -47,8 +47,8 @@ class ValidationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check(self.samples >= 0, "validation.samples", ">= 0 (0 = off)", self.samples)
-        check(self.generation_steps >= 1, "validation.generation_steps", ">= 1", self.generation_steps)
+        check(self.samples >= 0, "samples", ">= 0 (0 = off)", self.samples)
+        check(self.generation_steps >= 1, "generation_steps", ">= 1", self.generation_steps)
 
 
 @dataclass
