@@ -139,7 +139,11 @@ class Trainer:
             "gradient_accumulation_steps": self.grad_accum,
             "train_batch_size": self.global_batch,
             "gradient_clipping": config.grad_clip,
-            "zero_optimization": {"stage": config.zero_stage},
+            # One contiguous gradient buffer spares GPU memory from fragmentation; on CPU it
+            # only costs the copy (bench/zero_overhead.py: ZeRO-2 steps 4-8% faster without
+            # it in 3 runs of 4, equal in the fourth).
+            "zero_optimization": {"stage": config.zero_stage,
+                                  "contiguous_gradients": self.device.type == "cuda"},
             "steps_per_print": 2**31 - 1,
         }
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
