@@ -28,16 +28,21 @@ class RayNode:
     """`ray start --block` in its own process group; `stop()` ends the group (the raylet and
     the workers it started), as a preempted machine would vanish."""
 
-    def __init__(self, log: Path, head_port: int | None = None):
+    def __init__(self, log: Path, temp: Path, head_port: int | None = None):
         self.port = head_port or free_port()
+        # Its own temp dir: `ray start --head` leaves the cluster's address there, and a later
+        # ray.init() without an address (another test) would try to join that dead cluster.
         common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                  f"--dashboard-agent-listen-port={free_port()}"]
+                  f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}"]
         if head_port is None:
             command = [RAY, "start", "--head", f"--port={self.port}", "--include-dashboard=false",
                        f"--ray-client-server-port={free_port()}", *common]
         else:
             command = [RAY, "start", f"--address=127.0.0.1:{head_port}", *common]
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        # enat's CLI sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (a local Ray stays on loopback),
+        # which also makes `ray start` refuse to join a cluster: not wanted for these nodes.
+        env = {key: value for key, value in os.environ.items() if key != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+        env["RAY_AUTH_MODE"] = "disabled"
         self.log = open(log, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
@@ -74,13 +79,14 @@ def wait_for(condition, what: str, trainer: subprocess.Popen, timeout: float = 6
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_an_elastic_run_loses_a_node_continues_and_grows_back(s3_bucket, tmp_path):
+def test_an_elastic_run_loses_a_node_continues_and_grows_back(s3_bucket, tmp_path, tmp_path_factory):
     data, root = storage.join(s3_bucket, "data"), storage.join(s3_bucket, "root")
     write_synthetic_shards(data, SyntheticSpec(grid=4, codebook_size=64, num_classes=5, samples=512,
                                                per_shard=64))
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    head = RayNode(tmp_path / "head.log")
-    second = RayNode(tmp_path / "second.log", head_port=head.port)
+    temp = tmp_path_factory.mktemp("ray")  # short: Ray's socket paths live under it
+    head = RayNode(tmp_path / "head.log", temp)
+    second = RayNode(tmp_path / "second.log", temp, head_port=head.port)
     nodes = [head, second]
     deadline = time.monotonic() + 120
     while alive_nodes(head.port) < 2:  # an elastic run starts on what is there: let both join first
@@ -103,7 +109,7 @@ def test_an_elastic_run_loses_a_node_continues_and_grows_back(s3_bucket, tmp_pat
                 wait_for(lambda: 2 in markers(root).values(), "checkpoint by 2 workers", trainer)
                 second.stop()  # the node is preempted mid-run
                 wait_for(lambda: 1 in markers(root).values(), "checkpoint by 1 worker", trainer)
-                nodes.append(RayNode(tmp_path / "second-again.log", head_port=head.port))  # it returns
+                nodes.append(RayNode(tmp_path / "second-again.log", temp, head_port=head.port))  # it returns
                 wait_for(lambda: any(size == 2 and step > min(s for s, n in markers(root).items() if n == 1)
                                      for step, size in markers(root).items()),
                          "checkpoint by 2 workers again", trainer)
