@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import sqlite3
+import tarfile
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from enat.pipelines.shards import (
     TokenSample,
     check_compatible,
     decode_sample,
+    encode_sample,
     read_manifest,
     shard_bytes,
     write_manifest,
@@ -55,6 +57,32 @@ def test_shard_round_trip_through_webdataset_on_s3(s3_bucket, text):
         if text:
             np.testing.assert_array_equal(back.text, original.text)
             np.testing.assert_array_equal(back.text_mask, original.text_mask)
+
+
+def test_shards_are_the_bytes_tarfile_and_np_save_write():
+    """Shard tars and their .npy members are formatted by enat's own fast path: byte for
+    byte what tarfile (USTAR) and np.save write, for keys of every length ustar handles
+    (non-ASCII, exactly 100 bytes with the extension, split into prefix and name) and for
+    arrays that are not C-contiguous."""
+    samples = [sample(i, text=i % 2 == 1) for i in range(6)]
+    keys = ["a", "ü" * 40, "k" * 84, "x" * 150 + "/y", "z/" * 60 + "q", "7"]
+    for one, key in zip(samples, keys, strict=True):
+        one.key = key
+    samples[5].tokens = np.asfortranarray(samples[5].tokens.astype(np.uint16))
+    samples[5].flip_tokens = samples[5].flip_tokens[:, ::2]
+    reference = io.BytesIO()
+    with tarfile.open(fileobj=reference, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for one in samples:
+            for extension, data in encode_sample(one).items():
+                info = tarfile.TarInfo(f"{one.key}.{extension}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    assert shard_bytes(samples) == reference.getvalue()
+    for one in samples:
+        for extension, array in (("tokens.npy", one.tokens), ("flip.tokens.npy", one.flip_tokens)):
+            saved = io.BytesIO()
+            np.save(saved, array.astype(np.uint16), allow_pickle=False)
+            assert encode_sample(one)[extension] == saved.getvalue()
 
 
 def test_manifest_round_trip_and_compatibility(tmp_path):
