@@ -34,9 +34,9 @@ def _shard_task(task: Any, cpus: int) -> dict[str, Any]:
     from enat.pipelines.pretokenize import process_shard
     from enat.pipelines.stages import workers_for
 
-    decoders, torch_threads = workers_for(cpus)
+    workers, torch_threads = workers_for(cpus)
     torch.set_num_threads(torch_threads)  # the task's CPU share, not the whole machine
-    return process_shard(task, decoders)
+    return process_shard(task, workers)
 
 
 def _task_options(config: PretokenizeConfig) -> tuple[dict[str, Any], int]:

@@ -183,7 +183,7 @@ def _finished(task: ShardTask, records: set[str], published: set[str], verify: b
 _LOADED: dict[tuple, Any] = {}  # models loaded by this process, reused by its next tasks
 
 
-def _models(spec: JobSpec) -> tuple[Any, TextEncoder | None]:
+def _tokenizer(spec: JobSpec) -> Any:
     device = pick_device(spec.device)
     key = (spec.tokenizer, spec.tokenizer_config, spec.tokenizer_sha256, device)
     if key not in _LOADED:
@@ -191,13 +191,17 @@ def _models(spec: JobSpec) -> tuple[Any, TextEncoder | None]:
         if tokenizer.sha256 != spec.tokenizer_sha256:
             raise PretokenizeError(f"the tokenizer at {spec.tokenizer} changed during the job")
         _LOADED[key] = tokenizer
-    tokenizer = _LOADED[key]
+    return _LOADED[key]
+
+
+def _text_encoder(spec: JobSpec) -> TextEncoder | None:
     if spec.text is None:
-        return tokenizer, None
-    text_key = ("text", spec.text.name, spec.text.max_len, spec.text.batch_size, device)
-    if text_key not in _LOADED:
-        _LOADED[text_key] = TextEncoder(spec.text, device)
-    return tokenizer, _LOADED[text_key]
+        return None
+    device = pick_device(spec.device)
+    key = ("text", spec.text.name, spec.text.max_len, spec.text.batch_size, device)
+    if key not in _LOADED:
+        _LOADED[key] = TextEncoder(spec.text, device)
+    return _LOADED[key]
 
 
 def encode_images(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -211,31 +215,65 @@ def encode_images(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray
     return np.concatenate(ids)
 
 
-def process_shard(task: ShardTask, decoders: int = 1) -> dict[str, Any]:
-    """Tokenize one shard's inputs with its stages overlapped (pipelines/stages.py) and
-    `decoders` decoding processes, publish the shard, then its record; the record (plus
-    the task's CPU seconds, decoders included, which stay out of the stored record)."""
+def encode_batch(spec: JobSpec, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """One batch's ids, and its mirrored copy's (encoded as a batch of its own) under flip."""
+    model = _tokenizer(spec).model
+    tokens = encode_images(model, images, spec.batch_size)
+    if not spec.flip:
+        return tokens, None
+    return tokens, encode_images(model, np.ascontiguousarray(images[..., ::-1]), spec.batch_size)
+
+
+def encode_in_worker(spec: JobSpec, images: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray | None], float]:
+    """`encode_batch` in a worker process, on the one torch thread a worker has (see
+    pipelines/stages.py), and the CPU seconds it took."""
+    started = time.process_time()
+    torch.set_num_threads(1)
+    return encode_batch(spec, images), time.process_time() - started
+
+
+def process_shard(task: ShardTask, workers: int = 1, encode_on_workers: bool | None = None) -> dict[str, Any]:
+    """Tokenize one shard's inputs with its stages overlapped (pipelines/stages.py) on
+    `workers` worker processes, publish the shard, then its record; the record (plus the
+    task's CPU seconds, its workers' included, which stay out of the stored record).
+    The workers encode too when the device is the CPU (`encode_on_workers` None), else an
+    encoding thread of this process does."""
     cpu_started = time.process_time()
     spec = task.spec
-    tokenizer, text_encoder = _models(spec)
+    if encode_on_workers is None:
+        encode_on_workers = pick_device(spec.device).type == "cpu"
+    text_encoder = _text_encoder(spec)
+    pool = stages.worker_pool(workers)
     rejected: list[stages.Prepared] = []
     samples: list[TokenSample] = []
-    decode_cpu_s: list[float] = []
+    worker_cpu_s: list[float] = []
     builder = shards.ShardBuilder()
     with (ThreadPoolExecutor(1, "pretokenize-read") as reader,
+          ThreadPoolExecutor(1, "pretokenize-encode") as encoder_thread,
           ThreadPoolExecutor(1, "pretokenize-write") as writer):
-        # Reads come in chunks of two batches; each decoder takes a share of a batch at a
-        # time, and the pool runs up to two batches ahead of the encoder.
-        piece = -(-spec.batch_size // decoders)
-        inputs = stages.prepared(task.items, spec.resolution, spec.max_pixels, spec.min_side, reader,
-                                 stages.decode_pool(decoders), chunk=2 * spec.batch_size, piece=piece,
-                                 depth=2 * decoders, cpu_seconds=decode_cpu_s)
+        # Reads come in chunks of two batches; a worker decodes one batch's worth of inputs
+        # per call, up to two calls per worker ahead of the encoder, which runs up to one
+        # batch per worker (or, on a GPU, one batch) ahead of the writer.
+        inputs = stages.prepared(task.items, spec.resolution, spec.max_pixels, spec.min_side, reader, pool,
+                                 chunk=2 * spec.batch_size, piece=spec.batch_size, depth=2 * workers,
+                                 cpu_seconds=worker_cpu_s)
+        calls = ((batch, (spec, np.stack([one.array for one in batch])))
+                 for batch in stages.batches(inputs, spec.batch_size, rejected))
+        if encode_on_workers:
+            encoded = ((batch, ids, seconds) for batch, (ids, seconds)
+                       in stages.ahead(pool, encode_in_worker, calls, depth=workers))
+        else:  # the encoding thread's CPU seconds are this process's own
+            encoded = ((batch, ids, 0.0) for batch, ids
+                       in stages.ahead(encoder_thread, encode_batch, calls, depth=1))
         written = []
-        for batch in stages.batches(inputs, spec.batch_size, rejected):
-            encoded = _samples(batch, tokenizer.model, spec)
-            samples += encoded
+        for batch, (tokens, flips), seconds in encoded:
+            worker_cpu_s.append(seconds)
+            encoded_samples = [TokenSample(key=one.item.key, tokens=tokens[i], label=one.item.label,
+                                           flip_tokens=None if flips is None else flips[i],
+                                           caption=one.caption, meta=one.meta) for i, one in enumerate(batch)]
+            samples += encoded_samples
             if text_encoder is None:  # else serialised once the captions are embedded
-                written.append(writer.submit(builder.add, encoded))
+                written.append(writer.submit(builder.add, encoded_samples))
         if text_encoder is not None and samples:
             # One call for the whole shard, as the encoder batches (and sorts) captions itself.
             text, mask = text_encoder.encode([sample.caption for sample in samples])
@@ -251,18 +289,7 @@ def process_shard(task: ShardTask, decoders: int = 1) -> dict[str, Any]:
               "converted": [{"input": meta["source"], "note": meta["converted"]}
                             for meta in kept if "converted" in meta]}
     storage.write_bytes(task.record_url, json.dumps(record, sort_keys=True).encode())
-    return {**record, "cpu_s": time.process_time() - cpu_started + sum(decode_cpu_s)}
-
-
-def _samples(batch: list[stages.Prepared], model: Any, spec: JobSpec) -> list[TokenSample]:
-    """One batch of kept inputs encoded (and its mirrored copy, as a batch of its own)."""
-    images = np.stack([one.array for one in batch])
-    tokens = encode_images(model, images, spec.batch_size)
-    mirrored = np.ascontiguousarray(images[..., ::-1]) if spec.flip else None
-    flips = encode_images(model, mirrored, spec.batch_size) if spec.flip else None
-    return [TokenSample(key=one.item.key, tokens=tokens[i], flip_tokens=None if flips is None else flips[i],
-                        label=one.item.label, caption=one.caption, meta=one.meta)
-            for i, one in enumerate(batch)]
+    return {**record, "cpu_s": time.process_time() - cpu_started + sum(worker_cpu_s)}
 
 
 def finish(job: Job, run: dict[str, Any]) -> Manifest:

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import collections
 import json
+import multiprocessing
+import resource
 import shutil
 import tarfile
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -23,6 +26,7 @@ from enat.pipelines.model_io import load_model
 from enat.pipelines.pretokenize import ShardTask, encode_images, finish, prepare, process_shard
 from enat.pipelines.shards import read_shard
 from enat.pipelines.sources import plan_source
+from enat.pipelines.stages import worker_pool
 
 
 def test_tars_of_class_trees_plan_like_the_tree_and_give_the_same_ids(demo, tokenizer_dir, tmp_path):
@@ -57,9 +61,12 @@ def test_tars_of_class_trees_plan_like_the_tree_and_give_the_same_ids(demo, toke
     assert len(plan_source(f"folder:{tree}").items) == 59  # unlabeled: every file below
 
 
-def test_overlapped_stages_give_the_ids_of_a_sequential_encode(demo, tokenizer_dir, tmp_path):
-    """Two decoder processes, batches that straddle rejected inputs and a short last batch:
-    ids and mirrored ids equal a plain loop that decodes, then encodes in the same batches."""
+@pytest.mark.parametrize("encode_on_workers", [True, False], ids=["cpu-workers-encode", "gpu-thread-encodes"])
+def test_overlapped_stages_give_the_ids_of_a_sequential_encode(demo, tokenizer_dir, tmp_path,
+                                                               encode_on_workers):
+    """Two worker processes, batches that straddle rejected inputs and a short last batch:
+    ids and mirrored ids equal a plain loop that decodes, then encodes in the same batches,
+    whether the workers encode (on CPU) or the task's encoding thread does (as on a GPU)."""
     folder = tmp_path / "raw" / "train" / "mixed"
     folder.mkdir(parents=True)
     for i, path in enumerate(sorted((demo / "imagenet" / "train").rglob("*.png"))[:23]):
@@ -69,7 +76,7 @@ def test_overlapped_stages_give_the_ids_of_a_sequential_encode(demo, tokenizer_d
     config = job_config(source=f"imagenet:{folder.parent.parent}", out=str(tmp_path / "out"),
                         tokenizer=tokenizer_dir, shard_size=100, batch_size=4, flip=True)
     job = prepare(config)
-    record = process_shard(job.pending[0], decoders=2)
+    record = process_shard(job.pending[0], workers=2, encode_on_workers=encode_on_workers)
     assert [r["input"] for r in record["rejected"]] == ["mixed/03b.png", "mixed/11b.png"]
     samples = read_shard(job.pending[0].shard_url)
     assert [s.meta["source"] for s in samples] == [f"mixed/{i:02d}.png" for i in range(23)]
@@ -84,6 +91,27 @@ def test_overlapped_stages_give_the_ids_of_a_sequential_encode(demo, tokenizer_d
     assert np.array_equal(np.stack([s.tokens for s in samples]), sequential)
     assert np.array_equal(np.stack([s.flip_tokens for s in samples]), mirrored)
     assert record["written"] == 23 and record["cpu_s"] > 0
+
+
+def page_faults_of_batches(megabytes: int, arrays: int, rounds: int) -> int:
+    """Minor page faults of `rounds` rounds that each allocate, fill and free `arrays`
+    arrays of `megabytes` MiB, as the encoder does with its activations."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(rounds):
+        batch = [np.ones(megabytes << 20, np.uint8) for _ in range(arrays)]
+        del batch
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_workers_reuse_the_memory_they_free():
+    """A pretokenize worker keeps freed blocks for its next batches; a plain process hands
+    them back to the kernel and faults every page in again (here 11,000 faults against
+    1,500)."""
+    work = (page_faults_of_batches, 10, 3, 10)
+    in_worker = worker_pool(1).submit(*work).result()
+    with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as plain:
+        in_plain_process = plain.submit(*work).result()
+    assert in_worker * 3 < in_plain_process, (in_worker, in_plain_process)
 
 
 def test_caption_samples_without_image_or_caption_are_rejected_without_ray(demo, tokenizer_dir, tmp_path):
