@@ -104,7 +104,7 @@ def save(url: str, step: int, engine: Any, ema_model: Any, ema_config: ModelConf
     rank 0 writes the files and the marker. Returns the published checkpoint."""
     rank = dist.get_rank()
     weights = train_state.gather_weights(engine)
-    moments = train_state.gather(engine)
+    moments = train_state.gather_moments(engine)
     adam_step = train_state.adam_step(engine)
     if rank == 0:
         folder, written = _Folder(url), {}

@@ -53,7 +53,7 @@ def gather_weights(engine: Any) -> dict[str, Tensor]:
             for name, param in engine.module.named_parameters()}
 
 
-def gather(engine: Any) -> dict[str, Tensor]:
+def gather_moments(engine: Any) -> dict[str, Tensor]:
     """Collective: every AdamW moment, whole, as "<moment>/<name>", on the CPU."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -88,7 +88,7 @@ def _materialize(engine: Any, step: int) -> None:
 
 
 def restore(engine: Any, moments: dict[str, Tensor], step: int) -> None:
-    """Collective: load `moments` (from `gather`, any world size and stage) and the step count."""
+    """Collective: load `moments` (from `gather_moments`, any world size and stage) and the step count."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
     _materialize(engine, step)
