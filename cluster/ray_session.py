@@ -28,6 +28,11 @@ KEY_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKE
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION",
                  "ENAT_STORAGE_RETRY_SECONDS")
 
+# Set in every Ray worker's environment. Ray Train patches print() in its workers to log
+# each line, and also prints it when sys.stdout is not the original, which Ray's own worker
+# setup always makes so: every training log line reached the console twice.
+WORKER_SETTINGS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
 
 def start_ray(num_cpus: int | None = None, quiet: bool = False,
               resources: dict[str, float] | None = None) -> bool:
@@ -45,17 +50,35 @@ def start_ray(num_cpus: int | None = None, quiet: bool = False,
         # Inside a submitted job (`enat submit`) the job's runtime env already carries these
         # to every worker, and Ray refuses a second env that names the same variables.
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-        env = {} if in_job else {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+        env = {} if in_job else {**WORKER_SETTINGS,
+                                 **{key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}}
         ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=not quiet)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only cluster
+        for key, value in WORKER_SETTINGS.items():  # the local Ray's workers inherit them
+            os.environ.setdefault(key, value)
+        setup = f"{__name__}.{quiet_placement_group_cleaner.__name__}"
         ray.init(address="local", num_cpus=num_cpus, resources=resources, include_dashboard=False,
-                 log_to_driver=not quiet)
+                 log_to_driver=not quiet, runtime_env={"worker_process_setup_hook": setup})
     if not quiet:
         print(f"ray: {'cluster ' + address if address else 'local'}, session "
               f"{ray._private.worker.global_worker.node.get_session_dir_path()}, "
               f"job {ray.get_runtime_context().get_job_id()}", file=sys.stderr, flush=True)
     return True
+
+
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Setup of every worker of a local Ray: silence the warnings of Ray Train's placement
+    group cleaner. Every second it asks Ray's State API whether the training's controller
+    still lives; the State API is served by the dashboard, which a local Ray does not run,
+    so each ask fails with a warning (500 lines in a demo). Nothing is lost: the groups it
+    would remove after a crash end with the local Ray, which ends with the command."""
+    import logging
+
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def keep_local_ray_on_loopback() -> None:

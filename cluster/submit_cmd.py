@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from enat.cluster.command import Command
+from enat.cluster.ray_session import WORKER_SETTINGS
 from enat.models.errors import UserError
 from enat.models.typed_config import ConfigError
 
@@ -83,10 +84,10 @@ def checkout_package(into: Path) -> Path:
 
 
 def runtime_env(package: Path | None, env_vars: dict[str, str]) -> dict[str, Any]:
-    """The job's runtime env: `env_vars` (job_environment: settings, never keys), and the
-    checkout's `enat` package when one is given (the cluster's Python must already have the
-    dependencies)."""
-    env: dict[str, Any] = {"env_vars": env_vars}
+    """The job's runtime env: `env_vars` (job_environment: settings, never keys) and the
+    settings of enat's Ray workers (ray_session.WORKER_SETTINGS), and the checkout's `enat`
+    package when one is given (the cluster's Python must already have the dependencies)."""
+    env: dict[str, Any] = {"env_vars": {**WORKER_SETTINGS, **env_vars}}
     if package is not None:
         env["py_modules"] = [str(package)]
     return env
