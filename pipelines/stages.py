@@ -12,10 +12,11 @@ writer serialises batch k-1; memory stays at a few batches whatever the shard si
 Where the encoder runs decides the speed. On CPU, decoding and encoding share the task's
 CPUs, and an encoder that spreads one batch over torch threads while decoders run beside
 it loses most of its CPUs to both: its threads meet at every op and wait for the one a
-decoder preempted (measured here with 2 CPUs: 700-890 images/s, against 1,190 for the
-2-thread encoder alone). So on CPU every worker process does whole pieces of work, a
+decoder preempted (measured here with 2 CPUs: the pipeline ran at 700-890 images/s, that
+encoder alone at 1,190). So on CPU every worker process does whole pieces of work, a
 decode piece or a batch to encode, one at a time on one thread, and the CPUs stay busy
-with no contention; the task's own process only assembles batches and writes. On a GPU
+with no contention (1,500-1,700 images/s, bench/pretokenize.py); the task's own process
+only reads ahead, assembles batches and writes. On a GPU
 the encoder is one model in the task's process, fed by an encoding thread, and the
 worker processes only decode.
 
