@@ -283,11 +283,10 @@ def process_shard(task: ShardTask, workers: int = 1, encode_on_workers: bool | N
         for future in written:
             future.result()
     entry = shards.publish_shard(task.shard_url, builder.finish(), len(samples)) if samples else None
-    kept = [sample.meta for sample in samples]
     record = {"index": task.index, "shard": entry, "inputs": len(task.items), "written": len(samples),
               "rejected": [{"input": one.item.source, "reason": one.reason} for one in rejected],
-              "converted": [{"input": meta["source"], "note": meta["converted"]}
-                            for meta in kept if "converted" in meta]}
+              "converted": [{"input": sample.meta["source"], "note": sample.meta["converted"]}
+                            for sample in samples if "converted" in sample.meta]}
     storage.write_bytes(task.record_url, json.dumps(record, sort_keys=True).encode())
     return {**record, "cpu_s": time.process_time() - cpu_started + sum(worker_cpu_s)}
 

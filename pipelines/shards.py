@@ -57,13 +57,13 @@ def _npy(array: np.ndarray) -> bytes:
     """np.save's bytes; its header is made once per dtype and shape (formatting it cost more
     than the tiny arrays' data, for every sample)."""
     key = (array.dtype.str, array.shape)
-    if not array.flags.c_contiguous or key not in _NPY_HEADERS:
-        buffer = io.BytesIO()
-        np.save(buffer, array, allow_pickle=False)
-        if not array.flags.c_contiguous:
-            return buffer.getvalue()
+    if array.flags.c_contiguous and key in _NPY_HEADERS:
+        return _NPY_HEADERS[key] + array.tobytes()
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    if array.flags.c_contiguous:  # the header is what precedes the data
         _NPY_HEADERS[key] = buffer.getvalue()[: buffer.tell() - array.nbytes]
-    return _NPY_HEADERS[key] + array.tobytes()
+    return buffer.getvalue()
 
 
 def _load_npy(data: bytes) -> np.ndarray:
@@ -132,7 +132,6 @@ class ShardBuilder:
 
     def __init__(self) -> None:
         self._buffer = io.BytesIO()
-        self.count = 0
 
     def add(self, samples: list[TokenSample]) -> None:
         for sample in samples:
@@ -140,7 +139,6 @@ class ShardBuilder:
                 self._buffer.write(_member_header(f"{sample.key}.{extension}", len(data)))
                 self._buffer.write(data)
                 self._buffer.write(bytes(-len(data) % tarfile.BLOCKSIZE))
-        self.count += len(samples)
 
     def finish(self) -> bytes:
         """The archive with tarfile's ending: two zero blocks, then zeros to a whole record."""
