@@ -1,11 +1,17 @@
 """Pretokenization throughput: the pipeline against its decode and encode stages alone.
 
     .venv/bin/python bench/pretokenize.py --json [--images 4000] [--tokenizer DIR] [--out URL]
+    .venv/bin/python bench/pretokenize.py --json --preset maskgit-vqgan-f16 --input-size 500x375 \
+        --input-format jpeg --images 64 --batch-size 16 --shard-size 64 --rounds 1 --no-scaling
 
 Inputs are the demo data set's emoji (72x72 RGB PNG, ImageNet-style tree, repeated under
-new names up to --images); the tokenizer is the tiny preset with seed-0 weights unless
---tokenizer names an exported one. Measured with the worker processes a task of `--cpus`
-CPUs gets (pipelines/stages.py `workers_for`), their CPU seconds included:
+new names up to --images; --input-size/--input-format resample and re-encode them, e.g. to
+ImageNet's typical 500x375 JPEG); the tokenizer is a model preset of configs/models
+(--preset, default the tiny one) with seed-0 weights, which cost what the released ones
+do, unless --tokenizer names an exported one. The first command is the toy of the demo and
+tests, the second the shapes of a real ImageNet job (MaskGIT-VQGAN, 256 px). Measured with
+the worker processes a task of `--cpus` CPUs gets (pipelines/stages.py `workers_for`),
+their CPU seconds included:
 - `decode_images_per_s`: decode + resize alone, on the workers, over bytes in memory;
 - `encode_images_per_s`: the tokenizer's encode alone over the same (preprocessed)
   images, on the workers as the pipeline runs it on CPU (fixed batches, one per worker);
@@ -18,8 +24,9 @@ CPUs gets (pipelines/stages.py `workers_for`), their CPU seconds included:
 - `pipeline_over_slower_stage`: the pipeline's images/s over the slower stage's alone (the
   encoder's faster way); `pipeline_over_shared_cpus_ceiling`: over 1 / (1/decode +
   1/encode), what a perfect overlap reaches when both stages share the task's CPUs, as on
-  a node without GPU (on this machine about 0.82 of the slower stage);
-- `pipeline_images_per_s_1`/`_2`: 1 and 2 workers of 1 CPU each, and their ratio.
+  a node without GPU (for the toy, on this machine, about 0.82 of the slower stage);
+- `pipeline_images_per_s_1`/`_2`: 1 and 2 workers of 1 CPU each, and their ratio (not
+  with --no-scaling).
 Every measured job follows a warm-up job of its task size, so the figures are steady
 state: workers started, models loaded. The stages alone are timed in interleaved rounds
 and the 2-CPU pipeline twice; each figure is the best of its runs. Per-CPU-second figures
@@ -43,14 +50,14 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_tokenizer(folder: Path) -> str:
+def seeded_tokenizer(folder: Path, preset: str) -> str:
     import torch
     import yaml
 
     from enat.models import build_config, build_model
     from enat.pipelines.model_io import save_model
 
-    config = build_config(yaml.safe_load((REPO_ROOT / "configs/models/tiny-tokenizer.yaml").read_text()))
+    config = build_config(yaml.safe_load((REPO_ROOT / f"configs/models/{preset}.yaml").read_text()))
     torch.manual_seed(0)
     save_model(str(folder), build_model(config), config)
     return str(folder)
@@ -80,18 +87,24 @@ def _best_of_rounds(works: dict[str, Callable[[], tuple[int, float]]], rounds: i
     return {name: max(runs) for name, runs in timings.items()}
 
 
-def write_inputs(root: Path, count: int) -> list[Path]:
-    """`count` inputs in an ImageNet-style tree under root: the demo's emoji as RGB PNGs
-    (72x72), repeated under new names when `count` is larger than their number."""
+def write_inputs(root: Path, count: int, size: tuple[int, int] = (72, 72), fmt: str = "png") -> list[Path]:
+    """`count` inputs in an ImageNet-style tree under root: the demo's emoji as RGB images
+    of `size` (theirs is 72x72) in `fmt`, repeated under new names when `count` is larger
+    than their number."""
+    from PIL import Image
+
     from enat.pipelines.demo_data import list_emoji, load_rgb
 
     emoji, paths = list_emoji(), []
     for index in range(count):
         item = emoji[index % len(emoji)]
-        path = root / "train" / item.category / f"{item.slug}-{index // len(emoji)}.png"
+        path = root / "train" / item.category / f"{item.slug}-{index // len(emoji)}.{fmt}"
         if index < len(emoji):
             path.parent.mkdir(parents=True, exist_ok=True)
-            load_rgb(item.path).save(path, format="PNG")
+            image = load_rgb(item.path)
+            if image.size != size:
+                image = image.resize(size, resample=Image.BICUBIC)
+            image.save(path, format=fmt.upper(), **({"quality": 90} if fmt == "jpeg" else {}))
         else:
             shutil.copyfile(paths[index % len(emoji)], path)
         paths.append(path)
@@ -155,10 +168,20 @@ def main() -> int:
     parser.add_argument("--shard-size", type=int, default=1000, help="default: pretokenize's own")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs per task of the stage and pipeline runs")
-    parser.add_argument("--tokenizer", default="", help="exported tokenizer folder (default: tiny preset)")
+    parser.add_argument("--preset", default="tiny-tokenizer", help="configs/models preset, seed-0 weights")
+    parser.add_argument("--tokenizer", default="", help="exported tokenizer folder (instead of --preset)")
+    parser.add_argument("--input-size", default="72x72", help="WxH of the inputs (the emoji's own: 72x72)")
+    parser.add_argument("--input-format", choices=["png", "jpeg"], default="png")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the stages alone")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the 1- and 2-worker runs")
     parser.add_argument("--resolution", type=int, default=0, help="0 = the tokenizer's image_size")
     parser.add_argument("--out", default="", help="output root URL (default: a temporary folder)")
     args = parser.parse_args()
+    try:
+        width, height = (int(side) for side in args.input_size.lower().split("x"))
+    except ValueError:
+        parser.error(f"--input-size {args.input_size!r}: give WIDTHxHEIGHT, e.g. 500x375")
+    input_size = (width, height)
 
     import ray
 
@@ -170,10 +193,10 @@ def main() -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="enat-bench-"))
     try:
-        tokenizer = args.tokenizer or tiny_tokenizer(scratch / "tokenizer")
+        tokenizer = args.tokenizer or seeded_tokenizer(scratch / "tokenizer", args.preset)
         resolution = args.resolution or load_tokenizer(tokenizer).config.image_size
-        paths = write_inputs(scratch / "data", args.images)
-        write_inputs(scratch / "warmup", 2 * args.batch_size)
+        paths = write_inputs(scratch / "data", args.images, input_size, args.input_format)
+        write_inputs(scratch / "warmup", 2 * args.batch_size, input_size, args.input_format)
         out_root = args.out or str(scratch / "out")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", num_cpus=max(2, args.cpus), include_dashboard=False, log_to_driver=False)
@@ -189,9 +212,14 @@ def main() -> int:
                     assert run_pretokenize(config(*job), progress=not args.json) == 0
                 return read_manifest(config(*job).out).run
 
-            run(scratch / "warmup", "warmup-1", 2, 1, args.batch_size)  # start both workers, load models
-            one = run(scratch / "data", "workers-1", 1, 1, args.shard_size)
-            two = run(scratch / "data", "workers-2", 2, 1, args.shard_size)
+            scaling = {}
+            if not args.no_scaling:
+                run(scratch / "warmup", "warmup-1", 2, 1, args.batch_size)  # start both workers, load models
+                one = run(scratch / "data", "workers-1", 1, 1, args.shard_size)
+                two = run(scratch / "data", "workers-2", 2, 1, args.shard_size)
+                scaling = {"pipeline_images_per_s_1": one["images_per_s"],
+                           "pipeline_images_per_s_2": two["images_per_s"],
+                           "scaling_2_over_1": round(two["images_per_s"] / one["images_per_s"], 3)}
             # The first job with another task size runs measurably slower (here 480 against
             # 800 images/s: workers to start, models to load), so the measured one follows a
             # whole job of its own size.
@@ -202,7 +230,7 @@ def main() -> int:
             pipeline = max((run(*job) for job in measured), key=lambda one: one["images_per_s"])
         finally:
             ray.shutdown()
-        stages = stage_throughputs(prepare(config(*measured[0])).spec, paths, args.cpus)
+        stages = stage_throughputs(prepare(config(*measured[0])).spec, paths, args.cpus, args.rounds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -222,12 +250,11 @@ def main() -> int:
         # Where both stages run on the same CPUs, a perfect overlap is their serial rate.
         "pipeline_over_shared_cpus_ceiling": round(
             pipeline["images_per_s"] * (1 / stages["decode_images_per_s"] + 1 / encode), 3),
-        "pipeline_images_per_s_1": one["images_per_s"],
-        "pipeline_images_per_s_2": two["images_per_s"],
-        "scaling_2_over_1": round(two["images_per_s"] / one["images_per_s"], 3),
+        **scaling,
         "load_average_1min": round(os.getloadavg()[0], 2),
         "images": len(paths), "shard_size": args.shard_size, "batch_size": args.batch_size,
-        "resolution": resolution, "tokenizer": "tiny-tokenizer (seed 0)" if not args.tokenizer else tokenizer,
+        "inputs": f"{args.input_format} {width}x{height}",
+        "resolution": resolution, "tokenizer": tokenizer if args.tokenizer else f"{args.preset} (seed 0)",
         "output": "local folder" if not args.out else args.out.split("://")[0],
         "cpus": os.cpu_count(),
     }
