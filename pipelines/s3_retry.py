@@ -138,6 +138,9 @@ class RetryingS3FileSystem(S3FileSystem):
                 result = await super()._call_s3(method, *akwarglist, **kwargs)
             except Exception as err:
                 if not is_transient(err):
+                    # The storage answered (often a 404: s3fs asks for a "folder" as a key
+                    # first), so it is back, and the wait is reported as any other's.
+                    self._reachable_again(started, retries, method, kwargs)
                     raise
                 now = time.monotonic()
                 if now >= deadline:
@@ -155,12 +158,15 @@ class RetryingS3FileSystem(S3FileSystem):
                 # last attempt is made at the end of the window.
                 await asyncio.sleep(min(backoff.next() * random.uniform(0.5, 1.0), deadline - now))
                 continue
-            _unreachable_since.pop(self.endpoint_url, None)
-            if retries:
-                print(f"note: storage at {self._endpoint()} reachable again after "
-                      f"{time.monotonic() - started:.1f} s ({retries} retries) while "
-                      f"{_activity(method, kwargs)}", file=sys.stderr, flush=True)
+            self._reachable_again(started, retries, method, kwargs)
             return result
+
+    def _reachable_again(self, started: float, retries: int, method: str, kwargs: dict[str, Any]) -> None:
+        _unreachable_since.pop(self.endpoint_url, None)
+        if retries:
+            print(f"note: storage at {self._endpoint()} reachable again after "
+                  f"{time.monotonic() - started:.1f} s ({retries} retries) while "
+                  f"{_activity(method, kwargs)}", file=sys.stderr, flush=True)
 
     # s3fs binds its synchronous call_s3 (which S3File uses for every write) to its own
     # _call_s3 function, so it is bound again here to reach the retrying one.

@@ -117,6 +117,18 @@ def test_a_short_outage_is_waited_out_and_reported(scripted, capsys):
     assert f"note: storage at {ENDPOINT} reachable again after " in err and "(3 retries)" in err
 
 
+def test_an_outage_that_ends_in_a_refusal_is_reported_as_waited_out(scripted, capsys):
+    # s3fs asks for a "folder" as a key first: once the storage is back, its answer is a 404.
+    not_found = translate_boto_error(client_error(404, "NoSuchKey"))
+    fs, script = scripted(EndpointConnectionError(endpoint_url=ENDPOINT), not_found)
+    with pytest.raises(FileNotFoundError):
+        fs.call_s3("head_object", Bucket="b", Key="runs/r/checkpoints")
+    assert script.calls == ["head_object"] * 2
+    err = capsys.readouterr().err
+    assert f"note: storage at {ENDPOINT} reachable again after " in err
+    assert "(1 retries) while reading s3://b/runs/r/checkpoints" in err
+
+
 def test_refusals_fail_at_once(scripted):
     fs, script = scripted(translate_boto_error(client_error(403, "AccessDenied")))
     with pytest.raises(PermissionError):
