@@ -208,9 +208,10 @@ def main() -> int:
                     cpus_per_task=cpus, track=False)
 
             def run(*job: Any) -> dict:
+                job_config = config(*job)
                 with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
-                    assert run_pretokenize(config(*job), progress=not args.json) == 0
-                return read_manifest(config(*job).out).run
+                    assert run_pretokenize(job_config, progress=not args.json) == 0
+                return read_manifest(job_config.out).run
 
             scaling = {}
             if not args.no_scaling:
