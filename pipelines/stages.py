@@ -16,9 +16,8 @@ decoder preempted (measured here with 2 CPUs: the pipeline ran at 700-890 images
 encoder alone at 1,190). So on CPU every worker process does whole pieces of work, a
 decode piece or a batch to encode, one at a time on one thread, and the CPUs stay busy
 with no contention (1,500-1,700 images/s, bench/pretokenize.py); the task's own process
-only reads ahead, assembles batches and writes. On a GPU
-the encoder is one model in the task's process, fed by an encoding thread, and the
-worker processes only decode.
+only reads ahead, assembles batches and writes. On a GPU the encoder is one model in the
+task's process, fed by an encoding thread, and the worker processes only decode.
 
 Decoding runs in processes, not threads: small images cost PIL more Python than pixel
 work, so decode threads would hold the GIL often enough to stall the rest. Everything
